@@ -1,0 +1,31 @@
+"""Test setup: 8 simulated CPU devices (set before JAX initialises) and float32 matmuls."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+SPEC_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "spec"
+
+
+@pytest.fixture(scope="session")
+def spec_dir() -> pathlib.Path:
+    """The reference facts folder (../shared/spec beside the checkout)."""
+    if not SPEC_DIR.is_dir():
+        pytest.skip(f"spec folder {SPEC_DIR} not present")
+    return SPEC_DIR
+
+
+@pytest.fixture(scope="session")
+def official_shapes(spec_dir):
+    import json
+
+    return json.loads((spec_dir / "state_dict_shapes.json").read_text())
