@@ -1,0 +1,3 @@
+from neodragon_cli.main import main
+
+raise SystemExit(main())

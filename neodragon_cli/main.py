@@ -1,0 +1,78 @@
+"""`neodragon <verb>`: plan, generate, train, bench, ...
+
+Each verb parses its own flags and imports its implementation lazily, so `neodragon --help` is instant and
+a verb that needs an optional extra fails only when used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str | None = "tiny") -> None:
+    p.add_argument("--config", default=default, help="preset name in configs/ or a path to a .toml preset")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="dotted config override, repeatable (e.g. --set model.mmdit.num_layers=18)",
+    )
+
+
+def _load(args):
+    from neodragon_jax.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_plan(args) -> int:
+    from neodragon_jax.plan import format_table, plan
+
+    presets = args.config or ["pyramid-flow-sd3-320p", "neodragon-320p"]
+    reports = []
+    for preset in presets:
+        from neodragon_jax.config import load_config
+
+        cfg = load_config(preset, args.overrides)
+        comps = plan(cfg, args.parts)
+        if args.json:
+            reports.append({"config": cfg.name, "components": [c.as_dict() for c in comps]})
+        else:
+            print(format_table(cfg, comps))
+            print()
+    if args.json:
+        print(json.dumps(reports, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="neodragon", description="Neodragon text-to-video in JAX: plan, train, generate, export."
+    )
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("plan", help="parameter counts and FLOPs per component, computed without allocating")
+    p.add_argument("--config", action="append", default=None,
+                   help="preset(s) to plan, repeatable (default: both full-size presets)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--parts", nargs="+", default=["text"], help="which parts to plan")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
+    p.set_defaults(func=cmd_plan)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from neodragon_jax.config import ConfigError
+
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"neodragon {args.verb}: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
