@@ -11,6 +11,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from neodragon_jax.config.train_schema import (
+    CheckpointConfig,
+    DataConfig,
+    MeshConfig,
+    OptimConfig,
+    TrainConfig,
+)
+
 DType = Literal["float32", "bfloat16", "float16"]
 
 
@@ -251,6 +259,11 @@ class Config:
     video: VideoConfig = field(default_factory=VideoConfig)
     pyramid: PyramidConfig = field(default_factory=PyramidConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 def replace(obj, **changes):

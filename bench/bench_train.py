@@ -1,0 +1,118 @@
+"""Train-step benchmark of the ``toy`` stage: step time, tokens/s and MFU on 1 and 8 simulated devices.
+
+Each device count runs in its own subprocess (``XLA_FLAGS=--xla_force_host_platform_device_count=N`` must be
+set before JAX starts). MFU = per-device FLOPs of the compiled step (XLA cost analysis) / step time /
+per-device peak measured in the same subprocess with a matmul microbenchmark. On simulated CPU devices all
+"devices" share the host's cores, so the 8-device figures measure sharding overhead, not speed-up.
+
+    python bench/bench_train.py                 # 1 and 8 devices, default toy size
+    python bench/bench_train.py --devices 1 8 --hidden 1024 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def worker(args) -> dict:
+    import jax
+    import numpy as np
+
+    from neodragon_jax.config import load_config
+    from neodragon_jax.sharding import activate, make_mesh
+    from train.data import DataIterator, SyntheticSource, to_global
+    from train.metrics import compiled_flops, measure_peak_flops
+    from train.stages import ToyStage
+    from train.state import build_setup
+    from train.step import batch_sharding_tree, jit_train_step
+
+    n = jax.device_count()
+    rules = args.rules if n > 1 else "dp"
+    cfg = load_config("tiny", [f'mesh.rules="{rules}"', f"train.global_batch={args.batch}", "data.num_synthetic=256",
+                               f"train.micro_batches={args.micro_batches}"])
+    stage = ToyStage(cfg, dim=args.dim, hidden=args.hidden, depth=args.depth, seq=args.seq)
+    mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1} if rules != "dp" else {"data": -1})
+    setup = build_setup(stage, cfg, mesh)
+    state, frozen = setup.init_state(), setup.init_frozen()
+    example, batch_sh = batch_sharding_tree(setup)
+    data = DataIterator(SyntheticSource(stage, cfg), list(example), args.batch, prefetch=0)
+    batches = [to_global(next(data), batch_sh, args.batch) for _ in range(4)]
+    abstract_batch = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), example, batch_sh)
+    with activate(mesh, setup.rules):
+        t = time.perf_counter()
+        compiled = jit_train_step(setup).lower(setup.abstract_state, setup.abstract_frozen, abstract_batch).compile()
+        compile_s = time.perf_counter() - t
+    for i in range(args.warmup):
+        state, m = compiled(state, frozen, batches[i % 4])
+    jax.block_until_ready(m)
+    times = []
+    for i in range(args.steps):
+        t = time.perf_counter()
+        state, m = compiled(state, frozen, batches[i % 4])
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    step_s = float(np.median(times))
+    flops = compiled_flops(compiled)
+    peak = measure_peak_flops()
+    return {
+        "devices": n, "rules": rules, "params": setup.trainable["student"].num_params, "batch": args.batch,
+        "step_ms": 1e3 * step_s, "tokens_per_s": args.batch * args.seq / step_s, "samples_per_s": args.batch / step_s,
+        "flops_per_device": flops, "peak_flops_per_device": peak, "mfu": flops / step_s / peak, "compile_s": compile_s,
+        "loss": float(m["loss"]),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--devices", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--rules", default="fsdp", choices=["dp", "fsdp", "fsdp_tp"])
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--micro-batches", type=int, default=1)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return 0
+    results = []
+    for n in args.devices:
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+        env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker"] + [
+            a for a in (argv if argv is not None else sys.argv[1:]) if a != "--worker"
+        ]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(f"{n} devices: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
+            return 1
+        results.append(json.loads(line[len("RESULT "):]))
+    print(f"{'devices':>7} {'rules':>7} {'params':>10} {'step ms':>9} {'tokens/s':>11} {'samples/s':>10} "
+          f"{'GFLOP/dev':>10} {'peak GF/s':>10} {'MFU':>7}")
+    for r in results:
+        print(f"{r['devices']:>7} {r['rules']:>7} {r['params']:>10,} {r['step_ms']:>9.2f} {r['tokens_per_s']:>11,.0f} "
+              f"{r['samples_per_s']:>10,.1f} {r['flops_per_device'] / 1e9:>10.3f} {r['peak_flops_per_device'] / 1e9:>10.1f} "
+              f"{100 * r['mfu']:>6.2f}%")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Ahead-of-time plan of a train step for a mesh, without the hardware: per-device memory and FLOPs.
+
+``plan(stage, cfg, "data=2,fsdp=32")`` builds the train state abstractly (``nnx.eval_shape``; nothing is
+allocated, so a 2B-parameter MMDiT is fine), derives the shardings from the logical axes and
+``cfg.mesh.rules``, lowers the jitted step on ``ShapeDtypeStruct`` arguments carrying those shardings and
+compiles it. Compilation needs concrete devices: ``jax.sharding.AbstractMesh`` lowers (and gives global
+FLOPs) but ``compile()`` then demands a device assignment. So when this process has fewer devices than
+the mesh, the plan runs in a subprocess with that many simulated CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=N``) and the report comes back as JSON.
+
+Figures: parameter / optimizer / frozen / batch bytes per device are exact (from the shardings); temp
+(activations + workspace) and argument/output sizes come from ``compiled.memory_analysis()``, and FLOPs per
+device from ``compiled.cost_analysis()`` of the partitioned module; on simulated CPU devices these are the
+CPU backend's figures (fusion and layout differ from TPU/GPU, so treat temp bytes as an estimate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+
+from neodragon_jax.config import Config, from_json, load_config, to_json
+from neodragon_jax.sharding import make_mesh, mesh_devices_needed, parse_mesh_shape, sharding_report
+from train import stages as stages_lib
+from train.metrics import compiled_flops
+
+
+@dataclasses.dataclass
+class PlanReport:
+    stage: str
+    mesh: dict[str, int]
+    rules: str
+    platform: str
+    global_batch: int
+    micro_batches: int
+    num_params: dict[str, int]
+    num_frozen_params: dict[str, int]
+    param_bytes_per_device: int
+    optimizer_bytes_per_device: int  # optimizer moments + EMA
+    frozen_bytes_per_device: int
+    batch_bytes_per_device: int
+    temp_bytes_per_device: int  # activations + XLA workspace (compiled.memory_analysis)
+    argument_bytes_per_device: int
+    output_bytes_per_device: int
+    alias_bytes_per_device: int
+    flops_per_device: float
+    flops_per_step: float  # all devices
+    compile_seconds: float
+
+    @property
+    def total_bytes_per_device(self) -> int:
+        """Resident state + frozen + batch + temporaries (donated outputs alias their inputs)."""
+        return (
+            self.param_bytes_per_device + self.optimizer_bytes_per_device + self.frozen_bytes_per_device
+            + self.batch_bytes_per_device + self.temp_bytes_per_device
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PlanReport":
+        return cls(**json.loads(text))
+
+    def table(self) -> str:
+        def gib(b: int) -> str:
+            for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+                if b >= scale:
+                    return f"{b / scale:9.3f} {unit}"
+            return f"{b:9d} B"
+
+        mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
+        lines = [
+            f"plan: stage {self.stage!r}, mesh {mesh}, rules {self.rules!r}, compiled for {self.platform}",
+            f"  global batch {self.global_batch} in {self.micro_batches} micro-batch(es)",
+            f"  trained params: {', '.join(f'{k} {v:,}' for k, v in self.num_params.items())}",
+        ]
+        if self.num_frozen_params:
+            lines.append(f"  frozen params:  {', '.join(f'{k} {v:,}' for k, v in self.num_frozen_params.items())}")
+        lines += [
+            f"  per device: params      {gib(self.param_bytes_per_device)}",
+            f"              optimizer   {gib(self.optimizer_bytes_per_device)}",
+            f"              frozen      {gib(self.frozen_bytes_per_device)}",
+            f"              batch       {gib(self.batch_bytes_per_device)}",
+            f"              temporaries {gib(self.temp_bytes_per_device)}",
+            f"              total       {gib(self.total_bytes_per_device)}",
+            f"  FLOPs per step: {self.flops_per_device:.4g} per device, {self.flops_per_step:.4g} total",
+            f"  compile time {self.compile_seconds:.1f}s",
+        ]
+        return "\n".join(lines)
+
+
+def _device_bytes(tree: Any) -> int:
+    leaves = jax.tree.leaves(tree)
+    return sharding_report(tree).device_bytes if leaves else 0
+
+
+def plan_in_process(stage, cfg: Config, mesh_shape: Mapping[str, int] | str | None = None, *,
+                    global_batch: int | None = None) -> PlanReport:
+    """Plan on this process's devices (needs at least as many as the mesh has)."""
+    from train.state import build_setup
+    from train.step import batch_sharding_tree, compile_step
+
+    shape = parse_mesh_shape(mesh_shape if mesh_shape is not None else cfg.mesh)
+    if any(v == -1 for v in shape.values()):
+        n = jax.device_count()
+    else:
+        n = mesh_devices_needed(shape)
+    if n > jax.device_count():
+        raise RuntimeError(f"mesh {shape} needs {n} devices, this process has {jax.device_count()}; use plan()")
+    mesh = make_mesh(shape, devices=jax.devices()[:n])
+    gb = global_batch or cfg.train.global_batch
+    setup = build_setup(stage, cfg, mesh)
+    example, batch_sh = batch_sharding_tree(setup, gb)
+    abstract_batch = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), example, batch_sh)
+    t = time.perf_counter()
+    lowered, compiled = compile_step(setup, gb)
+    seconds = time.perf_counter() - t
+    mem = compiled.memory_analysis()
+    flops_dev = compiled_flops(compiled)
+    a = setup.abstract_state
+    return PlanReport(
+        stage=stage.name,
+        mesh=dict(mesh.shape),
+        rules=setup.rules.name,
+        platform=jax.devices()[0].platform,
+        global_batch=gb,
+        micro_batches=cfg.train.micro_batches,
+        num_params={n: s.num_params for n, s in setup.trainable.items()},
+        num_frozen_params={n: s.num_params for n, s in setup.frozen.items()},
+        param_bytes_per_device=_device_bytes(a["params"]),
+        optimizer_bytes_per_device=_device_bytes(a["opt_state"]) + _device_bytes(a["ema"]),
+        frozen_bytes_per_device=_device_bytes(setup.abstract_frozen),
+        batch_bytes_per_device=_device_bytes(abstract_batch),
+        temp_bytes_per_device=int(getattr(mem, "temp_size_in_bytes", 0) or 0),
+        argument_bytes_per_device=int(getattr(mem, "argument_size_in_bytes", 0) or 0),
+        output_bytes_per_device=int(getattr(mem, "output_size_in_bytes", 0) or 0),
+        alias_bytes_per_device=int(getattr(mem, "alias_size_in_bytes", 0) or 0),
+        flops_per_device=flops_dev,
+        flops_per_step=flops_dev * mesh.size,
+        compile_seconds=seconds,
+    )
+
+
+def plan(stage, cfg: Config, mesh_shape: Mapping[str, int] | str | None = None, *,
+         global_batch: int | None = None, timeout: float | None = None) -> PlanReport:
+    """Per-device memory and FLOPs of ``stage``'s train step on ``mesh_shape`` (default ``cfg.mesh``).
+
+    Runs in this process when it has enough devices, else in a subprocess on simulated CPU devices; the
+    subprocess rebuilds the stage from ``cfg.train.stage`` (pass ``stage=None`` or a registered stage).
+    """
+    shape = parse_mesh_shape(mesh_shape if mesh_shape is not None else cfg.mesh)
+    needed = mesh_devices_needed(shape)
+    if stage is None:
+        stage = stages_lib.get_stage(cfg.train.stage, cfg)
+    if needed <= jax.device_count():
+        return plan_in_process(stage, cfg, shape, global_batch=global_batch)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stage=cfg.train.stage or stage.name))
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_path, out_path = Path(tmp) / "config.json", Path(tmp) / "plan.json"
+        cfg_path.write_text(to_json(cfg))
+        env = dict(os.environ)
+        flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+        env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={needed}"])
+        env["JAX_PLATFORMS"] = "cpu"
+        mesh_arg = ",".join(f"{k}={v}" for k, v in shape.items())
+        cmd = [sys.executable, "-m", "train.plan", "--config-json", str(cfg_path), "--mesh", mesh_arg,
+               "--json-out", str(out_path)]
+        if global_batch:
+            cmd += ["--global-batch", str(global_batch)]
+        root = Path(__file__).resolve().parents[1]
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=root)
+        if proc.returncode != 0 or not out_path.exists():
+            raise RuntimeError(f"plan subprocess failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        return PlanReport.from_json(out_path.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.plan", description="AOT-compile a train step for a mesh")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--config-json", default=None, help="resolved config JSON (overrides --preset/--set)")
+    p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=4,tensor=1 (default: the config's mesh)")
+    p.add_argument("--global-batch", type=int, default=None)
+    p.add_argument("--json-out", default=None)
+    args = p.parse_args(argv)
+    if args.config_json:
+        cfg = from_json(Path(args.config_json).read_text())
+    else:
+        cfg = load_config(args.preset, [o for item in args.overrides for o in item.split()])
+    report = plan(None, cfg, args.mesh, global_batch=args.global_batch)
+    if args.json_out:
+        Path(args.json_out).write_text(report.to_json())
+    print(report.table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""The train step: a pure function ``(state, frozen, batch) -> (state, metrics)``, jitted with explicit
+in/out shardings and the state donated.
+
+Gradient accumulation is a ``lax.scan`` over micro-batches. Micro-batch ``k`` takes global rows
+``k, k+m, k+2m, ...`` (a strided split) so that every device's micro-batch rows are rows it already holds:
+a contiguous split would move data between devices. Per-step randomness is ``fold_in(key(seed), step)``
+(then ``fold_in(., micro_index)``), so a resumed run draws exactly the same numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from neodragon_jax.sharding import activate, batch_shardings
+from train.optim import ema_update
+from train.state import TrainSetup
+
+
+def _split_micro(batch: Any, m: int, batch_sh: Any) -> Any:
+    def one(x, sh):
+        b = x.shape[0]
+        if b % m:
+            raise ValueError(f"global batch {b} is not divisible by train.micro_batches={m}")
+        y = jnp.swapaxes(x.reshape((b // m, m) + x.shape[1:]), 0, 1)
+        spec = (None,) + tuple(sh.spec) + (None,) * (x.ndim - len(sh.spec))
+        return jax.lax.with_sharding_constraint(y, jax.sharding.PartitionSpec(*spec))
+
+    return jax.tree.map(one, batch, batch_sh)
+
+
+def make_grad_fn(setup: TrainSetup) -> Callable:
+    """``(params, model_state, frozen, batch, rng) -> (loss, metrics, grads)`` with micro-batch accumulation.
+
+    ``loss`` is the mean over micro-batches of the stage's loss (the sum of a dict loss), ``grads`` the mean
+    of the micro-batch gradients: for a per-example-mean loss that equals the full-batch gradient.
+    """
+    stage, cfg = setup.stage, setup.cfg
+    m = cfg.train.micro_batches
+    if m < 1:
+        raise ValueError(f"train.micro_batches must be >= 1, got {m}")
+
+    def single(params, model_state, frozen, batch, rng):
+        frozen_modules = setup.frozen_modules(frozen)
+
+        def f(p):
+            out, metrics = stage.loss(setup.modules(p, model_state), frozen_modules, batch, rng)
+            return out, metrics
+
+        out, vjp_fn, metrics = jax.vjp(f, params, has_aux=True)
+        if isinstance(out, dict):
+            unknown = sorted(set(out) - set(params))
+            if unknown:
+                raise ValueError(f"stage {stage.name!r} returned losses for {unknown}, which are not trained models")
+            grads = {}
+            for name in params:
+                if name not in out:
+                    grads[name] = jax.tree.map(jnp.zeros_like, params[name])
+                    continue
+                ct = {k: jnp.asarray(1.0 if k == name else 0.0, v.dtype) for k, v in out.items()}
+                grads[name] = vjp_fn(ct)[0][name]
+            metrics = dict(metrics, **{f"loss/{k}": v for k, v in out.items()})
+            loss = sum(out.values())
+        else:
+            loss = out
+            grads = vjp_fn(jnp.ones_like(out))[0]
+        return loss.astype(jnp.float32), metrics, grads
+
+    if m == 1:
+        return single
+
+    def accumulated(params, model_state, frozen, batch, rng):
+        batch_sh = batch_shardings(batch, stage.batch_logical_axes(cfg), setup.rules, setup.mesh)
+        micro = _split_micro(batch, m, batch_sh)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+
+        def body(carry, xs):
+            i, mb = xs
+            loss, metrics, grads = single(params, model_state, frozen, mb, jax.random.fold_in(rng, i))
+            g_acc, l_acc, met_acc = carry
+            g_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), g_acc, grads)
+            met_acc = jax.tree.map(jnp.add, met_acc, metrics)
+            return (g_acc, l_acc + loss, met_acc), None
+
+        abstract = jax.eval_shape(lambda mb: single(params, model_state, frozen, mb, rng)[1],
+                                  jax.tree.map(lambda x: x[0], micro))
+        met0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
+        (g, loss, met), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32), met0), (jnp.arange(m), micro))
+        grads = jax.tree.map(lambda a, p: (a / m).astype(p.dtype), g, params)
+        return loss / m, jax.tree.map(lambda x: x / m, met), grads
+
+    return accumulated
+
+
+def step_rng(cfg, step: jax.Array) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(cfg.train.seed), step)
+
+
+def make_train_step(setup: TrainSetup) -> Callable:
+    """Unjitted pure step ``(state, frozen, batch) -> (new_state, metrics)``."""
+    grad_fn = make_grad_fn(setup)
+    cfg = setup.cfg
+
+    def train_step(state, frozen, batch):
+        step = state["step"]
+        loss, metrics, grads = grad_fn(state["params"], state["model_state"], frozen, batch, step_rng(cfg, step))
+        params, opt_state, ema = {}, {}, {}
+        out = dict(metrics)
+        for name in setup.trainable:
+            updates, opt_state[name] = setup.txs[name].update(grads[name], state["opt_state"][name], state["params"][name])
+            params[name] = optax.apply_updates(state["params"][name], updates)
+            if state["ema"]:
+                ema[name] = ema_update(state["ema"][name], params[name], cfg.optim.ema_decay)
+            suffix = "" if len(setup.trainable) == 1 else f"/{name}"
+            out[f"grad_norm{suffix}"] = optax.tree.norm(grads[name])
+            out[f"lr{suffix}"] = jnp.asarray(setup.schedules[name](step), jnp.float32)
+        out["loss"] = loss
+        if len(setup.trainable) > 1:
+            out["grad_norm"] = optax.tree.norm(grads)
+        new_state = {
+            "step": step + 1,
+            "params": params,
+            "model_state": state["model_state"],
+            "opt_state": opt_state,
+            "ema": ema,
+        }
+        return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in out.items()}
+
+    return train_step
+
+
+def batch_sharding_tree(setup: TrainSetup, global_batch: int | None = None):
+    gb = global_batch or setup.cfg.train.global_batch
+    example = setup.stage.example_batch(setup.cfg, gb)
+    return example, batch_shardings(example, setup.stage.batch_logical_axes(setup.cfg), setup.rules, setup.mesh)
+
+
+def jit_train_step(setup: TrainSetup, global_batch: int | None = None):
+    """``jax.jit`` of the step with explicit shardings; the state (argument 0) is donated."""
+    _, batch_sh = batch_sharding_tree(setup, global_batch)
+    fn = make_train_step(setup)
+    return jax.jit(
+        fn,
+        in_shardings=(setup.state_shardings, setup.frozen_shardings, batch_sh),
+        out_shardings=(setup.state_shardings, setup.replicated),
+        donate_argnums=(0,),
+    )
+
+
+def jit_grad_fn(setup: TrainSetup, global_batch: int | None = None):
+    """Jitted ``(state, frozen, batch) -> (loss, metrics, grads)`` for the current step (parity tests)."""
+    _, batch_sh = batch_sharding_tree(setup, global_batch)
+    grad_fn = make_grad_fn(setup)
+
+    def fn(state, frozen, batch):
+        return grad_fn(state["params"], state["model_state"], frozen, batch, step_rng(setup.cfg, state["step"]))
+
+    return jax.jit(
+        fn,
+        in_shardings=(setup.state_shardings, setup.frozen_shardings, batch_sh),
+        out_shardings=(setup.replicated, setup.replicated, setup.state_shardings["params"]),
+    )
+
+
+def compile_step(setup: TrainSetup, global_batch: int | None = None):
+    """Ahead-of-time lower + compile the step on abstract, sharded arguments (no allocation)."""
+    example, batch_sh = batch_sharding_tree(setup, global_batch)
+    abstract_batch = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), example, batch_sh)
+    with activate(setup.mesh, setup.rules):
+        lowered = jit_train_step(setup, global_batch).lower(setup.abstract_state, setup.abstract_frozen, abstract_batch)
+        return lowered, lowered.compile()
