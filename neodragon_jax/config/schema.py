@@ -117,7 +117,7 @@ class TextConfig:
     max_length: int = 128
     clip_max_length: int = 77
     # Folder holding `tokenizer/` (CLIP-L), `tokenizer_2/` (CLIP-G) and `tokenizer_3/` (T5). Empty: the
-    # tokenizers shipped in this repo for the tiny preset (assets/tokenizers/<tokenizer_preset>).
+    # tokenizers shipped in the package (neodragon_jax/_assets/tokenizers/<tokenizer_preset>).
     tokenizer_dir: str = ""
     tokenizer_preset: str = ""
     prompt_modifier: str = ""
