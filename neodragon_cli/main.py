@@ -56,9 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", default=None,
                    help="preset(s) to plan, repeatable (default: both full-size presets)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--parts", nargs="+", default=["text"], help="which parts to plan")
+    p.add_argument("--parts", nargs="+", default=["text", "video"], choices=["text", "video"], help="which parts to plan")
     p.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
     p.set_defaults(func=cmd_plan)
+
+    from neodragon_cli import generate
+
+    p = sub.add_parser("generate", help="text -> video (mp4, gif, contact sheet, JSON sidecar)")
+    generate.add_arguments(p)
+    p.set_defaults(func=generate.run)
     return parser
 
 

@@ -104,8 +104,95 @@ def plan_text(cfg: Config, batch: int = 1) -> list[ComponentPlan]:
     return out
 
 
-def plan(cfg: Config, parts: Sequence[str] = ("text",)) -> list[ComponentPlan]:
-    planners = {"text": plan_text}
+# ---- video stack ------------------------------------------------------------------------------------
+
+
+def mmdit_call_flops(cfg: Config, batch: int = 1) -> dict[tuple[int, int], float]:
+    """FLOPs of one MMDiT call for every (unit, stage) of a ``cfg.video`` clip (batch ``batch``)."""
+    from neodragon_jax.models.mmdit import PyramidMMDiT
+    from neodragon_jax.models.vae.normalize import latent_frames
+    from neodragon_jax.pyramid.history import clip_shapes, num_units
+
+    m = cfg.model.mmdit
+    dtype = as_dtype(cfg.precision.dtype)
+    model = abstract_model(lambda r: PyramidMMDiT(m, rngs=r, dtype=dtype, param_dtype=as_dtype(cfg.precision.param_dtype)))
+    vae = cfg.model.vae.causal
+    t_lat = latent_frames(cfg.video.num_frames, vae.temporal_factor)
+    hw = (cfg.video.height // vae.spatial_factor, cfg.video.width // vae.spatial_factor)
+    text = cfg.model.text
+    tokens = sds((batch, text.max_length, m.context_in_dim or m.hidden_size), dtype)
+    mask = sds((batch, text.max_length), jnp.int32)
+    pooled = sds((batch, m.pooled_dim), dtype)
+    t = sds((batch,), jnp.float32)
+    out = {}
+    for u in range(num_units(t_lat, cfg.pyramid.frames_per_unit)):
+        for s in range(cfg.pyramid.num_stages):
+            shapes = clip_shapes(u, s, num_stages=cfg.pyramid.num_stages, latent_hw=hw,
+                                 frames_per_unit=cfg.pyramid.frames_per_unit)
+            clips = [sds((batch, m.in_channels, f, h, w), dtype) for f, h, w in shapes]
+            out[(u, s)] = lowered_flops(
+                model, lambda mod, c, *a: mod(list(c), *a), clips, tokens, mask, pooled, t
+            )
+    return out
+
+
+def schedule_flops(per_call: dict[tuple[int, int], float], first: Sequence[int], later: Sequence[int],
+                   cfg_first: float, cfg_later: float) -> tuple[float, int]:
+    """(total DiT FLOPs, NFE) of one video under a schedule; CFG doubles the batch of a call."""
+    total, nfe = 0.0, 0
+    for (u, s), flops in per_call.items():
+        steps, w = (first, cfg_first) if u == 0 else (later, cfg_later)
+        mult = 2 if w > 0 else 1
+        total += flops * steps[s] * mult
+        nfe += steps[s] * mult
+    return total, nfe
+
+
+def plan_video(cfg: Config, batch: int = 1) -> list[ComponentPlan]:
+    from neodragon_jax.models.vae.causal_vae import CausalVAEDecoder, CausalVAEEncoder
+    from neodragon_jax.models.vae.light_decoder import LightDecoder
+    from neodragon_jax.models.vae.normalize import latent_frames
+    from neodragon_jax.models.mmdit import PyramidMMDiT
+
+    kw = dict(dtype=as_dtype(cfg.precision.dtype), param_dtype=as_dtype(cfg.precision.param_dtype))
+    m = cfg.model.mmdit
+    v = cfg.video
+    per_call = mmdit_call_flops(cfg, batch)
+    mmdit = abstract_model(lambda r: PyramidMMDiT(m, rngs=r, **kw))
+    calls = [CallCost(f"unit {u} stage {s}", f) for (u, s), f in per_call.items()]
+    s = cfg.sampling
+    teacher_total, teacher_nfe = schedule_flops(per_call, (20,) * cfg.pyramid.num_stages,
+                                                (10,) * cfg.pyramid.num_stages, 7.0, 5.0)
+    one_total, one_nfe = schedule_flops(per_call, (1,) * cfg.pyramid.num_stages, (1,) * cfg.pyramid.num_stages, 0.0, 0.0)
+    calls.append(CallCost(f"video, 20-20-20 then 10-10-10 + CFG ({teacher_nfe} NFE)", teacher_total))
+    calls.append(CallCost(f"video, 1-1-1 no CFG ({one_nfe} NFE)", one_total))
+    ctx = f" + context embedder {m.context_in_dim}->{m.hidden_size}" if m.context_in_dim else ""
+    out = [ComponentPlan("MMDiT", count_params(mmdit), calls,
+                         f"{m.num_layers} blocks{ctx}; {v.num_frames} frames {v.height}x{v.width}")]
+
+    c = cfg.model.vae.causal
+    t_lat = latent_frames(v.num_frames, c.temporal_factor)
+    h, w = v.height // c.spatial_factor, v.width // c.spatial_factor
+    dt = kw["dtype"]
+    enc = abstract_model(lambda r: CausalVAEEncoder(c, rngs=r, **kw))
+    out.append(ComponentPlan("VAE encoder", count_params(enc), [
+        CallCost("first frame", lowered_flops(enc, lambda mod, x: mod(x), sds((batch, 3, 1, v.height, v.width), dt))),
+        CallCost(f"{v.num_frames} frames", lowered_flops(enc, lambda mod, x: mod(x), sds((batch, 3, v.num_frames, v.height, v.width), dt))),
+    ], "without quant_conv"))
+    z = sds((batch, c.latent_channels, t_lat, h, w), dt)
+    native = abstract_model(lambda r: CausalVAEDecoder(c, rngs=r, **kw))
+    out.append(ComponentPlan("native decoder", count_params(native), [
+        CallCost(f"decode {v.num_frames} frames", lowered_flops(native, lambda mod, x: mod(x), z))
+    ], "without post_quant_conv"))
+    light = abstract_model(lambda r: LightDecoder(cfg.model.vae.light_decoder, rngs=r, **kw))
+    out.append(ComponentPlan("light decoder", count_params(light), [
+        CallCost(f"decode {v.num_frames} frames", lowered_flops(light, lambda mod, x: mod(x), z))
+    ], "without post_quant_conv"))
+    return out
+
+
+def plan(cfg: Config, parts: Sequence[str] = ("text", "video")) -> list[ComponentPlan]:
+    planners = {"text": plan_text, "video": plan_video}
     unknown = [p for p in parts if p not in planners]
     if unknown:
         raise ValueError(f"unknown plan parts {unknown}; expected some of {sorted(planners)}")

@@ -8,6 +8,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Partitionable threefry compiles each random kernel ~5x slower on CPU; tests need no partitionable RNG and
+# model inits dominate the suite's compile time.
+jax.config.update("jax_threefry_partitionable", False)
 
 import pathlib  # noqa: E402
 

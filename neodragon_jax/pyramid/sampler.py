@@ -204,6 +204,7 @@ class PyramidSampler:
         first_frame: jax.Array | None = None,
         channels: int = 16,
         return_intermediates: bool = False,
+        progress: Callable[[int, int, int], None] | None = None,
     ) -> SampleOutput:
         """Generate a latent video [B, C, num_frames, height, width] (latent units, full resolution).
 
@@ -211,6 +212,7 @@ class PyramidSampler:
         uncond (the negative/empty prompt) is required when a used CFG scale is > 0.
         first_frame: optional [B, C, 1, H, W] normalised latent used as unit 0 (image-to-video, hybrid).
         key: PRNG key or int seed; the run is a deterministic function of it.
+        progress: optional ``progress(unit, stage, num_units)`` called after each finished stage.
         """
         sch = self.schedule
         S, fpu = sch.num_stages, sch.frames_per_unit
@@ -288,6 +290,8 @@ class PyramidSampler:
                     nfe += 2 if use_cfg else 1
                 if intermediates is not None:
                     intermediates[(u, s)] = x
+                if progress is not None:
+                    progress(u, s, U)
             video = jax.lax.dynamic_update_slice(video, x, (0, 0, a, 0, 0))
         return SampleOutput(video, nfe, intermediates)
 
