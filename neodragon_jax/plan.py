@@ -109,13 +109,13 @@ def plan_text(cfg: Config, batch: int = 1) -> list[ComponentPlan]:
 
 def mmdit_call_flops(cfg: Config, batch: int = 1) -> dict[tuple[int, int], float]:
     """FLOPs of one MMDiT call for every (unit, stage) of a ``cfg.video`` clip (batch ``batch``)."""
-    from neodragon_jax.models.mmdit import PyramidMMDiT
+    from neodragon_jax.models.mmdit import abstract_mmdit
     from neodragon_jax.models.vae.normalize import latent_frames
     from neodragon_jax.pyramid.history import clip_shapes, num_units
 
     m = cfg.model.mmdit
     dtype = as_dtype(cfg.precision.dtype)
-    model = abstract_model(lambda r: PyramidMMDiT(m, rngs=r, dtype=dtype, param_dtype=as_dtype(cfg.precision.param_dtype)))
+    model = abstract_mmdit(m, dtype=dtype, param_dtype=as_dtype(cfg.precision.param_dtype))
     vae = cfg.model.vae.causal
     t_lat = latent_frames(cfg.video.num_frames, vae.temporal_factor)
     hw = (cfg.video.height // vae.spatial_factor, cfg.video.width // vae.spatial_factor)
@@ -152,13 +152,13 @@ def plan_video(cfg: Config, batch: int = 1) -> list[ComponentPlan]:
     from neodragon_jax.models.vae.causal_vae import CausalVAEDecoder, CausalVAEEncoder
     from neodragon_jax.models.vae.light_decoder import LightDecoder
     from neodragon_jax.models.vae.normalize import latent_frames
-    from neodragon_jax.models.mmdit import PyramidMMDiT
+    from neodragon_jax.models.mmdit import abstract_mmdit
 
     kw = dict(dtype=as_dtype(cfg.precision.dtype), param_dtype=as_dtype(cfg.precision.param_dtype))
     m = cfg.model.mmdit
     v = cfg.video
     per_call = mmdit_call_flops(cfg, batch)
-    mmdit = abstract_model(lambda r: PyramidMMDiT(m, rngs=r, **kw))
+    mmdit = abstract_mmdit(m, **kw)
     calls = [CallCost(f"unit {u} stage {s}", f) for (u, s), f in per_call.items()]
     s = cfg.sampling
     teacher_total, teacher_nfe = schedule_flops(per_call, (20,) * cfg.pyramid.num_stages,

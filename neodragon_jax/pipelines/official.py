@@ -46,11 +46,10 @@ def _need(folder: Path, name: str, kind: str) -> Path:
 
 
 def load_official(pipeline_cls, folder: Path, cfg: Config, *, transformer: str | None = None):
-    from neodragon_jax.convert.mmdit import infer_mmdit_config, load_mmdit_weights
+    from neodragon_jax.convert.mmdit import infer_mmdit_config, mmdit_from_checkpoint
     from neodragon_jax.convert.text import load_text_conditioner
     from neodragon_jax.convert.vae import load_vae
     from neodragon_jax.models.build import abstract
-    from neodragon_jax.models.mmdit import PyramidMMDiT
     from neodragon_jax.models.text.tokenizers import TextTokenizers
     from neodragon_jax.models.vae import CausalVideoVAE
     from flax import nnx
@@ -88,8 +87,7 @@ def load_official(pipeline_cls, folder: Path, cfg: Config, *, transformer: str |
         )
     tensors = read_safetensors(folder / found[0])
     mmdit_cfg = infer_mmdit_config(tensors, cfg.model.mmdit)
-    mmdit = abstract(lambda: PyramidMMDiT(mmdit_cfg, rngs=nnx.Rngs(0), **kw))
-    load_mmdit_weights(mmdit, tensors)
+    mmdit = mmdit_from_checkpoint(mmdit_cfg, tensors, **kw)
     vae = abstract(lambda: CausalVideoVAE(cfg.model.vae, rngs=nnx.Rngs(0), **kw))
     load_vae(vae, _need(folder, "causal_video_vae", kind))
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mmdit=mmdit_cfg, text=text_cfg))

@@ -26,7 +26,7 @@ from flax import nnx
 from neodragon_jax.config import Config
 from neodragon_jax.layers.core import as_dtype
 from neodragon_jax.models.build import init_jit
-from neodragon_jax.models.mmdit import PyramidMMDiT
+from neodragon_jax.models.mmdit import PyramidMMDiT, init_mmdit
 from neodragon_jax.models.text.conditioner import TextConditioner
 from neodragon_jax.models.text.tokenizers import TextTokenizers
 from neodragon_jax.models.vae import CausalVideoVAE
@@ -117,7 +117,7 @@ class TextToVideoPipeline:
         """All models with random weights (one compiled init program each)."""
         kw = dict(dtype=as_dtype(cfg.precision.dtype), param_dtype=as_dtype(cfg.precision.param_dtype))
         text = init_jit(lambda: TextConditioner(cfg.model.text, rngs=nnx.Rngs(seed), **kw))
-        mmdit = init_jit(lambda: PyramidMMDiT(cfg.model.mmdit, rngs=nnx.Rngs(seed + 1), **kw))
+        mmdit = init_mmdit(cfg.model.mmdit, seed=seed + 1, **kw)
         vae = init_jit(lambda: CausalVideoVAE(cfg.model.vae, rngs=nnx.Rngs(seed + 2), **kw))
         return cls(cfg, TextTokenizers.for_config(cfg.model.text), text, mmdit, vae, random_weights=True,
                    source=f"random init (seed {seed})")
