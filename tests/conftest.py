@@ -4,13 +4,14 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Partitionable threefry compiles each random kernel ~5x slower on CPU; tests need no partitionable RNG and
+# model inits dominate the suite's compile time. Set through the environment so that subprocesses started
+# by tests (kill-and-resume runs) draw the same random numbers as the test process.
+os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
 
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-# Partitionable threefry compiles each random kernel ~5x slower on CPU; tests need no partitionable RNG and
-# model inits dominate the suite's compile time.
-jax.config.update("jax_threefry_partitionable", False)
 
 import pathlib  # noqa: E402
 
