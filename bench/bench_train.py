@@ -1,4 +1,5 @@
-"""Train-step benchmark of the ``toy`` stage: step time, tokens/s and MFU on 1 and 8 simulated devices.
+"""Train-step benchmark of a stage (``toy`` by default, or ``flow`` on a preset): step time, tokens/s and MFU
+on 1 and 8 simulated devices.
 
 Each device count runs in its own subprocess (``XLA_FLAGS=--xla_force_host_platform_device_count=N`` must be
 set before JAX starts). MFU = per-device FLOPs of the compiled step (XLA cost analysis) / step time /
@@ -7,6 +8,11 @@ per-device peak measured in the same subprocess with a matmul microbenchmark. On
 
     python bench/bench_train.py                 # 1 and 8 devices, default toy size
     python bench/bench_train.py --devices 1 8 --hidden 1024 --steps 20
+    python bench/bench_train.py --stage flow --config tiny --batch 8      # the flow stage on a preset
+    python bench/bench_train.py --stage flow --config neodragon-320p --set model.mmdit.num_layers=4 ...
+
+For ``flow``, tokens per example are the stage's ``tokens_per_example`` (image tokens of history + current
+clip, averaged over stage columns and unit layouts, plus the text tokens).
 """
 
 from __future__ import annotations
@@ -34,11 +40,19 @@ def worker(args) -> dict:
     from train.state import build_setup
     from train.step import batch_sharding_tree, jit_train_step
 
+    from train.stages import get_stage, tokens_per_example
+
     n = jax.device_count()
     rules = args.rules if n > 1 else "dp"
-    cfg = load_config("tiny", [f'mesh.rules="{rules}"', f"train.global_batch={args.batch}", "data.num_synthetic=256",
-                               f"train.micro_batches={args.micro_batches}"])
-    stage = ToyStage(cfg, dim=args.dim, hidden=args.hidden, depth=args.depth, seq=args.seq)
+    overrides = [o for item in args.overrides for o in item.split()]
+    cfg = load_config(args.config, overrides + [
+        f'mesh.rules="{rules}"', f"train.global_batch={args.batch}", "data.num_synthetic=256",
+        f"train.micro_batches={args.micro_batches}", f"train.stage={args.stage}"])
+    if args.stage == "toy":
+        stage = ToyStage(cfg, dim=args.dim, hidden=args.hidden, depth=args.depth, seq=args.seq)
+    else:
+        stage = get_stage(args.stage, cfg)
+    tokens = tokens_per_example(stage, cfg)
     mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1} if rules != "dp" else {"data": -1})
     setup = build_setup(stage, cfg, mesh)
     state, frozen = setup.init_state(), setup.init_frozen()
@@ -63,8 +77,10 @@ def worker(args) -> dict:
     flops = compiled_flops(compiled)
     peak = measure_peak_flops()
     return {
-        "devices": n, "rules": rules, "params": setup.trainable["student"].num_params, "batch": args.batch,
-        "step_ms": 1e3 * step_s, "tokens_per_s": args.batch * args.seq / step_s, "samples_per_s": args.batch / step_s,
+        "stage": args.stage, "config": cfg.name, "devices": n, "rules": rules,
+        "params": sum(s.num_params for s in setup.trainable.values()), "batch": args.batch,
+        "tokens_per_example": tokens,
+        "step_ms": 1e3 * step_s, "tokens_per_s": args.batch * tokens / step_s, "samples_per_s": args.batch / step_s,
         "flops_per_device": flops, "peak_flops_per_device": peak, "mfu": flops / step_s / peak, "compile_s": compile_s,
         "loss": float(m["loss"]),
     }
@@ -73,6 +89,9 @@ def worker(args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--devices", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--stage", default="toy", help="toy (sizes below) or a registered stage such as flow")
+    p.add_argument("--config", default="tiny", help="preset for --stage flow (default tiny)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--rules", default="fsdp", choices=["dp", "fsdp", "fsdp_tp"])
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--hidden", type=int, default=1024)
@@ -88,30 +107,44 @@ def main(argv=None) -> int:
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return 0
+    try:
+        results = run_devices(args, argv if argv is not None else sys.argv[1:])
+    except RuntimeError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    print(format_results(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def run_devices(args, argv) -> list[dict]:
+    """One worker subprocess per device count in ``args.devices`` (``argv`` is forwarded to it)."""
     results = []
     for n in args.devices:
         env = dict(os.environ, JAX_PLATFORMS="cpu")
         flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
         env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker"] + [
-            a for a in (argv if argv is not None else sys.argv[1:]) if a != "--worker"
-        ]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker"] + [a for a in argv if a != "--worker"]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
-            print(f"{n} devices: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
-            return 1
+            raise RuntimeError(f"{n} devices: failed\n{proc.stderr[-3000:]}")
         results.append(json.loads(line[len("RESULT "):]))
-    print(f"{'devices':>7} {'rules':>7} {'params':>10} {'step ms':>9} {'tokens/s':>11} {'samples/s':>10} "
-          f"{'GFLOP/dev':>10} {'peak GF/s':>10} {'MFU':>7}")
+    return results
+
+
+def format_results(results: list[dict]) -> str:
+    lines = [f"{'stage':>6} {'config':>16} {'devices':>7} {'rules':>7} {'params':>13} {'batch':>5} {'step ms':>9} "
+             f"{'tokens/s':>11} {'samples/s':>10} {'GFLOP/dev':>10} {'peak GF/s':>10} {'MFU':>7} {'compile s':>9}"]
     for r in results:
-        print(f"{r['devices']:>7} {r['rules']:>7} {r['params']:>10,} {r['step_ms']:>9.2f} {r['tokens_per_s']:>11,.0f} "
-              f"{r['samples_per_s']:>10,.1f} {r['flops_per_device'] / 1e9:>10.3f} {r['peak_flops_per_device'] / 1e9:>10.1f} "
-              f"{100 * r['mfu']:>6.2f}%")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    return 0
+        lines.append(
+            f"{r.get('stage', 'toy'):>6} {r.get('name', r.get('config', 'tiny')):>16} {r['devices']:>7} {r['rules']:>7} "
+            f"{r['params']:>13,} {r['batch']:>5} {r['step_ms']:>9.2f} {r['tokens_per_s']:>11,.0f} "
+            f"{r['samples_per_s']:>10,.1f} {r['flops_per_device'] / 1e9:>10.3f} "
+            f"{r['peak_flops_per_device'] / 1e9:>10.1f} {100 * r['mfu']:>6.2f}% {r['compile_s']:>9.1f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

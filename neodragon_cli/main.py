@@ -27,6 +27,14 @@ def _load(args):
 
 
 def cmd_plan(args) -> int:
+    if args.mesh:
+        from neodragon_cli.train import plan_mesh
+
+        return plan_mesh(args)
+    if args.stage or args.batch:
+        print("neodragon plan: --stage/--batch plan a train step and need --mesh data=A,fsdp=B,tensor=C",
+              file=sys.stderr)
+        return 2
     from neodragon_jax.plan import format_table, plan
 
     presets = args.config or ["pyramid-flow-sd3-320p", "neodragon-320p"]
@@ -58,13 +66,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--parts", nargs="+", default=["text", "video"], choices=["text", "video"], help="which parts to plan")
     p.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
+    p.add_argument("--mesh", default=None, metavar="data=A,fsdp=B,tensor=C",
+                   help="instead: compile the full train step ahead of time for this mesh (simulated devices) "
+                        "and print per-device memory and FLOPs")
+    p.add_argument("--stage", default=None, choices=["flow", "dmd"],
+                   help="with --mesh: which train step (default flow; dmd = generator + fake score + real score)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="with --mesh: global batch (default 4 per batch-sharding device)")
     p.set_defaults(func=cmd_plan)
+
+    from neodragon_cli import bench, train
+
+    p = sub.add_parser("train", help="run a training stage (flow, toy, ...) with checkpoints in a workdir")
+    train.add_train_arguments(p)
+    p.set_defaults(func=train.run_train)
+
+    p = sub.add_parser("bench", help="benchmarks: `bench train` (step time, tokens/s, MFU, plan memory table)")
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.run)
 
     from neodragon_cli import generate
 
     p = sub.add_parser("generate", help="text -> video (mp4, gif, contact sheet, JSON sidecar)")
     generate.add_arguments(p)
     p.set_defaults(func=generate.run)
+
+    from neodragon_cli import demo
+
+    p = sub.add_parser("demo", help="train VAE + flow teacher on synthetic videos, generate held-out prompts, "
+                                    "score, write report.md (--quick: a one-minute smoke run)")
+    demo.add_arguments(p)
+    p.set_defaults(func=demo.run)
+
+    from neodragon_cli import export
+
+    p = sub.add_parser("export", help="TFLite / ONNX / Qualcomm AI Hub export, checked against the PyTorch mirror")
+    export.add_arguments(p)
+    p.set_defaults(func=export.run)
     return parser
 
 

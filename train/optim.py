@@ -64,6 +64,16 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, mask: Any = None) -> tupl
     return optax.chain(*parts), schedule
 
 
+def freeze_unmasked(tx: optax.GradientTransformation, trainable_mask: Any) -> optax.GradientTransformation:
+    """``tx`` on the leaves where ``trainable_mask`` is True; the others get exactly zero updates.
+
+    ``optax.multi_transform`` with ``set_to_zero``: the frozen leaves hold no optimizer moments and, with
+    decoupled weight decay inside ``tx``, are not decayed either.
+    """
+    labels = jax.tree.map(lambda m: "train" if m else "frozen", trainable_mask)
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
 def ema_update(ema: Any, params: Any, decay: float) -> Any:
     """``ema <- decay * ema + (1 - decay) * params`` in float32 master precision."""
     return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p.astype(e.dtype) - e), ema, params)

@@ -42,7 +42,9 @@ class Stage(Protocol):
     a stage lacks them): ``tokens_per_example(cfg) -> int`` (default: 0, no tokens/s),
     ``load_weights(cfg, name, abstract_state) -> pure dict | None`` (pretrained weights for a trained or
     frozen model as host arrays; default: keep the random init), ``optim_config(cfg, name) -> OptimConfig``
-    (per-model optimiser; default ``cfg.optim``).
+    (per-model optimiser; default ``cfg.optim``), ``trainable_mask(cfg, name, abstract_params) -> pure bool
+    tree | None`` (train only the True leaves of a trained model; the rest get zero updates and no optimizer
+    state; default: every leaf trains).
     """
 
     name: str
@@ -157,6 +159,11 @@ def load_weights(stage: Stage, cfg: Config, name: str, abstract_state: nnx.State
     return fn(cfg, name, abstract_state) if fn is not None else None
 
 
+def trainable_mask(stage: Stage, cfg: Config, name: str, abstract_params: nnx.State):
+    fn = getattr(stage, "trainable_mask", None)
+    return fn(cfg, name, abstract_params) if fn is not None else None
+
+
 # --- the toy stand-in stage -----------------------------------------------------------------------------
 
 
@@ -237,3 +244,7 @@ class ToyStage:
 
 
 register_stage("toy", ToyStage)
+# Stages whose module name differs from the stage name register lazily (a fresh process, e.g. the plan
+# subprocess, resolves them without importing every stage module).
+register_stage("flow", "train.flow_matching:FlowMatchingStage")
+register_stage("dmd_plan", "train.flow_matching:DMDPlanStage")

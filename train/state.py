@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from neodragon_jax.config import Config
 from neodragon_jax.sharding import get_rules, param_shardings
 from train import stages as stages_lib
-from train.optim import decay_mask, make_optimizer
+from train.optim import decay_mask, freeze_unmasked, make_optimizer
 
 
 @dataclasses.dataclass
@@ -184,14 +184,18 @@ class TrainSetup:
 
 
 def _opt_shardings(tx, abstract_opt_state, param_sh, replicated):
-    """Param-shaped optimizer leaves (moments) follow the param sharding; the rest (``count``) replicate."""
+    """Param-shaped optimizer leaves (moments) follow the param sharding; the rest (``count``) replicate.
+
+    Frozen leaves of a masked / multi-transform optimizer hold an empty ``MaskedNode`` that stays as is.
+    """
+    masked = optax.transforms.MaskedNode
     return optax.tree_map_params(
         tx,
-        lambda _, s: s,
+        lambda x, s: x if isinstance(x, masked) else s,
         abstract_opt_state,
         param_sh,
         transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, (jax.ShapeDtypeStruct, jax.Array)),
+        is_leaf=lambda x: isinstance(x, (jax.ShapeDtypeStruct, jax.Array, masked)),
     )
 
 
@@ -214,6 +218,9 @@ def build_setup(stage, cfg: Config, mesh, *, total_steps: int | None = None) -> 
     for name, spec in trainable.items():
         ocfg = stages_lib.optim_config(stage, cfg, name)
         txs[name], schedules[name] = make_optimizer(ocfg, total_steps, decay_mask(spec.params))
+        train_mask = stages_lib.trainable_mask(stage, cfg, name, spec.params)
+        if train_mask is not None:
+            txs[name] = freeze_unmasked(txs[name], train_mask)
         p_sh[name] = param_shardings(spec.params, rules, mesh, min_shard_elements=min_el)
         r_sh[name] = param_shardings(spec.model_state, rules, mesh, min_shard_elements=min_el)
 

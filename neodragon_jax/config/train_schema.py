@@ -64,6 +64,15 @@ class TrainConfig:
     profile_steps: int = 3
     # Per-device peak FLOP/s for MFU; 0 = measure with a matmul microbenchmark at start-up.
     peak_flops: float = 0.0
+    # Official-layout weights (safetensors file or folder) that the stage's trained/frozen models start from;
+    # empty = random init. Read by the stage's ``load_weights`` hook.
+    init_checkpoint: str = ""
+    # Indices of the MMDiT blocks that train; empty = the whole model. With a subset, every other parameter
+    # (other blocks, embedders, output layer) is frozen: zero updates, no optimizer state.
+    trainable_blocks: tuple[int, ...] = ()
+    # Pyramid stages: finest-stage units the step may draw (complementary unit sampling, one compiled
+    # branch each); empty = every unit of the clip.
+    pyramid_units: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,27 @@ class CausalConv3d(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim != 5:
             raise ValueError(f"CausalConv3d expects [B, F, H, W, C] (channels-last), got shape {x.shape}")
-        return self.conv(x)
+        # Computed as a sum over the kt time taps of 2-D convs on [B*F', H, W, C] (same parameters, same
+        # result up to float summation order): XLA:CPU runs 3-D convolutions 5-8x slower than 2-D ones, and
+        # on accelerators the two forms cost the same.
+        c = self.conv
+        kt, kh, kw = self.kernel_size
+        st, sh, sw = self.strides
+        bias = c.bias[...] if c.bias is not None else None
+        x, kernel, bias = c.promote_dtype((x, c.kernel[...], bias), dtype=c.dtype)
+        b, f = x.shape[:2]
+        fo = (f - 1) // st + 1  # front padding kt - 1: F -> floor((F - 1) / s) + 1
+        xp = jnp.pad(x, ((0, 0), (kt - 1, 0), (0, 0), (0, 0), (0, 0)))
+        y = None
+        for t in range(kt):  # output frame o reads padded frame o * st + t with tap t
+            xs = xp[:, t: t + st * (fo - 1) + 1: st]
+            yt = jax.lax.conv_general_dilated(
+                xs.reshape((b * fo,) + xs.shape[2:]), kernel[t], (sh, sw), ((kh // 2, kh // 2), (kw // 2, kw // 2)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=c.precision,
+            )
+            y = yt if y is None else y + yt
+        y = y.reshape((b, fo) + y.shape[1:])
+        return y if bias is None else y + bias
 
 
 class CausalGroupNorm(nnx.GroupNorm):

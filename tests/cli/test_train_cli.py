@@ -1,0 +1,70 @@
+"""`neodragon train`: a flow run that stops, is refused without --resume, then resumes; error messages."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from neodragon_cli.main import main
+
+ROOT = Path(__file__).resolve().parents[2]
+# Small and quick: the tiny preset with one MMDiT block and one unit layout (a compile per layout).
+FAST = ["--set", "model.mmdit.num_layers=1", "--set", "train.pyramid_units=[0]", "--set", "train.peak_flops=1e9",
+        "--set", "train.tensorboard=false"]
+
+
+def _neodragon(args, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # One device and a low LLVM optimisation level: these runs check behaviour, not speed.
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "neodragon_cli", *args, "--compile-cache", str(tmp_path / "xla-cache")]
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_train_flow_runs_stops_and_resumes(tmp_path):
+    work = tmp_path / "run"
+    base = ["train", "flow", "--config", "tiny", "--steps", "3", "--workdir", str(work), "--log-every", "1", *FAST]
+    first = _neodragon(base + ["--stop-after", "2"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "neodragon train flow: config 'tiny', 3 steps" in first.stdout
+    assert "step 0 | loss" in first.stdout and "step 1 | loss" in first.stdout
+    assert "done: steps 0..2" in first.stdout
+    cfg = json.loads((work / "config.json").read_text())
+    assert cfg["train"]["stage"] == "flow" and cfg["train"]["output_dir"] == str(work)
+    assert (work / "checkpoints" / "2").is_dir()
+
+    again = _neodragon(base, tmp_path)
+    assert again.returncode == 2
+    assert "already holds a run (checkpoint at step 2): pass --resume" in again.stderr
+
+    resumed = _neodragon(base + ["--resume"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 2" in resumed.stdout and "done: steps 2..3" in resumed.stdout
+    steps = [json.loads(line)["step"] for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2]
+    assert (work / "checkpoints" / "3").is_dir()
+
+
+def test_train_toy_in_process(tmp_path, capsys):
+    rc = main(["train", "toy", "--config", "tiny", "--steps", "2", "--workdir", str(tmp_path / "toy"),
+               "--compile-cache", "none", "--set", "train.peak_flops=1e9", "--set", "train.tensorboard=false"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "done: steps 0..2" in out
+
+
+def test_train_error_messages(tmp_path, capsys):
+    assert main(["train", "nosuch", "--workdir", str(tmp_path / "x"), "--compile-cache", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "neodragon train: unknown training stage 'nosuch'" in err and "'flow'" in err and "'toy'" in err
+
+    assert main(["train", "dmd_plan", "--workdir", str(tmp_path / "y"), "--compile-cache", "none"]) == 2
+    assert "planning stand-in" in capsys.readouterr().err
+
+    assert main(["train", "flow", "--records", str(tmp_path / "missing"), "--compile-cache", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "--records" in err and "does not exist" in err
+
+    assert main(["train", "flow", "--set", "train.nosuch=1", "--compile-cache", "none"]) == 2
+    assert "config error" in capsys.readouterr().err
