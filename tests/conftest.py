@@ -8,6 +8,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # model inits dominate the suite's compile time. Set through the environment so that subprocesses started
 # by tests (kill-and-resume runs) draw the same random numbers as the test process.
 os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
+# No persistent XLA cache in tests: `neodragon train` enables one process-wide, and executables cached by
+# runs with other RNG settings would change random draws of later tests.
+os.environ.setdefault("NEODRAGON_COMPILE_CACHE", "none")
 
 import jax  # noqa: E402
 
