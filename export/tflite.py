@@ -46,13 +46,33 @@ def check_precisions(precisions: Iterable[str]) -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def jax_x64_scope():
+    """Run litert-torch with JAX's 64-bit mode on, as it expects, and give the caller's setting back after.
+
+    litert-torch's JAX bridge sets ``jax_enable_x64=True`` process-wide when it is imported. Left on, every
+    later JAX computation in the process (an export run converts JAX weights and compares JAX outputs; a test
+    session runs everything) silently switches its default dtypes to float64 and draws different random
+    numbers.
+    """
+    import jax
+
+    before = bool(jax.config.jax_enable_x64)
+    try:
+        jax.config.update("jax_enable_x64", True)
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", before)
+
+
 def convert_float(component: Component) -> bytes:
     """The float32 ``.tflite`` flatbuffer of ``component`` (raises what litert-torch raises)."""
-    import litert_torch
+    with jax_x64_scope():
+        import litert_torch
 
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation, raised while exporting
-        model = litert_torch.convert(component.module.eval(), component.torch_inputs())
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's pytree deprecation, raised while exporting
+            model = litert_torch.convert(component.module.eval(), component.torch_inputs())
     return bytes(model.model_content())
 
 

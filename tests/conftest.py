@@ -36,3 +36,15 @@ def official_shapes(spec_dir):
     import json
 
     return json.loads((spec_dir / "state_dict_shapes.json").read_text())
+
+
+@pytest.fixture(autouse=True)
+def _jax_stays_32_bit():
+    """Fail the test that leaves ``jax_enable_x64`` on (litert-torch sets it at import): every later test
+    would silently compute in float64 and draw different random numbers."""
+    assert not jax.config.jax_enable_x64, "jax_enable_x64 was already on before this test"
+    yield
+    if jax.config.jax_enable_x64:
+        jax.config.update("jax_enable_x64", False)
+        pytest.fail("this test left jax_enable_x64 on process-wide (imported litert_torch outside "
+                    "export.tflite.jax_x64_scope?)")

@@ -9,6 +9,7 @@ Tolerances (max abs error / max(1, max |mirror output|), ``export.report.TOLERAN
 (padded MMDiT history, streaming light decoder), and failures are reported, never kept as good artifacts.
 """
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -16,7 +17,9 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("litert_torch")
+# Not importorskip: importing litert_torch turns on jax_enable_x64 process-wide (export/tflite.py scopes it).
+if importlib.util.find_spec("litert_torch") is None:
+    pytest.skip("litert_torch not installed", allow_module_level=True)
 pytest.importorskip("ai_edge_litert")
 
 from export.components import (  # noqa: E402
