@@ -31,7 +31,9 @@ instead of the official N(0, 0.02) (``kernel_init="official"`` keeps those), and
 bias at ``logvar_init`` (default -16), so the posterior starts nearly deterministic.
 
 Optional random crops (``clip_frames`` consecutive frames, ``crop x crop`` pixels): the VAE is convolutional
-(its attention is per frame), so training on crops is much cheaper and transfers to whole clips. With crops
+(its attention and group norms are per frame), so training on crops is much cheaper and transfers to whole
+clips as long as a crop is not much smaller than a frame (32x32 crops of 64x64 frames transfer; 16x16 do
+not: the per-frame statistics and the mid-block attention then see too little of the frame). With crops
 each clip yields ``crops_per_clip`` examples (distinct crops, deterministic by ``(data.seed, example)``).
 """
 

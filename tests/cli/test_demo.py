@@ -1,0 +1,100 @@
+"""`neodragon demo --quick`: every phase runs and the report is written; a rerun reuses every phase and says
+so; a workdir built with other settings and unknown settings are refused."""
+
+import contextlib
+import io
+import json
+import re
+import time
+
+import pytest
+
+from neodragon_cli.demo import DemoSettings, parse_settings
+from neodragon_cli.main import main
+
+PHASES = ("data", "vae", "latents", "flow", "samples", "eval")
+
+
+def _demo(workdir, *extra):
+    out = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(out):
+        rc = main(["demo", "--workdir", str(workdir), "--quick", "--compile-cache", "none", *extra])
+    return rc, out.getvalue(), time.perf_counter() - t0
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo")
+    first = _demo(workdir) + ((workdir / "report.md").read_text(),)
+    second = _demo(workdir) + ((workdir / "report.md").read_text(),)
+    return workdir, first, second
+
+
+def test_quick_demo_runs_every_phase_and_writes_the_report(quick_demo):
+    workdir, (rc, out, _, report), _ = quick_demo
+    assert rc == 0, out[-3000:]
+    for phase in PHASES:
+        assert f"[{phase}] finished in" in out
+        done = json.loads((workdir / phase / "DONE.json").read_text())
+        assert done["seconds"] > 0
+    assert re.search(r"\[vae\] step 2/2 \(100%\)", out) and re.search(r"\[flow\] step 2/2 \(100%\)", out)
+
+    assert json.loads((workdir / "vae" / "DONE.json").read_text())["key"]["vae_steps"] == 2  # the quick size
+    vae = json.loads((workdir / "vae" / "DONE.json").read_text())["results"]
+    assert set(vae["normalisation"]) == {"image_shift", "image_scale", "video_shift", "video_scale"}
+    assert set(vae["train_metrics"]) >= {"loss", "psnr", "ssim", "kl"}
+    assert len(list((workdir / "latents" / "records").glob("*.npz"))) == 16
+    assert (workdir / "text" / "params.npz").is_file()
+    for i in range(4):
+        assert (workdir / "samples" / f"{i:03d}.mp4").stat().st_size > 0
+        assert json.loads((workdir / "samples" / f"{i:03d}.json").read_text())["nfe"] > 0
+    ev = json.loads((workdir / "eval" / "DONE.json").read_text())["results"]
+    assert set(ev["scores"]) == {"renders", "vae_recon", "generated"}
+    assert ev["scores"]["renders"]["accuracy"]["colour"] >= 0.75  # the scorer on the renderer's own videos
+    assert len(ev["psnr_per_video"]) == 4 and all(p > 0 for p in ev["psnr_per_video"])
+
+    for section in ("## Headline", "## Phases", "## Scores", "## VAE", "## Flow teacher", "## Files"):
+        assert section in report
+    assert "colour accuracy (held-out prompts)" in report and "motion accuracy (held-out prompts)" in report
+    assert "VAE reconstruction PSNR" in report and "| renders | VAE reconstructions | generated |" in report
+    for png in ("eval/generated_vs_render.png", "eval/vae_reconstructions.png"):
+        assert f"]({png})" in report and (workdir / png).stat().st_size > 0
+    for phase in PHASES:
+        assert re.search(rf"\| {phase} \| .* \| ran \|", report), phase
+    assert "report: " in out and "PSNR" in out
+
+
+def test_second_run_reuses_every_phase_and_says_so(quick_demo):
+    workdir, (_, _, t_first, _), (rc, out, t_second, report) = quick_demo
+    assert rc == 0, out[-3000:]
+    for phase in PHASES:
+        assert f"[{phase}] done already" in out
+        assert f"[{phase}] finished in" not in out
+    assert "every phase was already complete: nothing rebuilt" in out
+    assert t_second < 0.6 * t_first, (t_first, t_second)
+    for phase in PHASES:
+        assert re.search(rf"\| {phase} \| .* \| reused \|", report), phase
+
+
+def test_a_workdir_built_with_other_settings_is_refused(quick_demo, capsys):
+    workdir = quick_demo[0]
+    rc = main(["demo", "--workdir", str(workdir), "--quick", "--compile-cache", "none", "--set", "demo.vae_steps=3"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "vae_steps" in err and "other settings" in err and str(workdir / "vae") in err
+
+
+def test_settings_are_parsed_and_checked():
+    s, rest = parse_settings(["demo.flow_steps=7 optim.b1=0.8", "demo.flow_lr=1"], quick=False)
+    assert s.flow_steps == 7 and s.flow_lr == 1.0 and rest == ["optim.b1=0.8"]
+    assert parse_settings([], quick=True)[0].vae_steps < DemoSettings().vae_steps
+    for bad, msg in (("demo.nope=1", "unknown demo setting"), ("demo.flow_steps=x", "expected int"),
+                     ("demo.flow_steps=0", ">= 1")):
+        with pytest.raises(Exception, match=msg):
+            parse_settings([bad], quick=True)
+
+
+def test_unknown_setting_is_a_clear_cli_error(tmp_path, capsys):
+    assert main(["demo", "--workdir", str(tmp_path), "--quick", "--set", "demo.nope=1"]) == 2
+    assert "unknown demo setting 'demo.nope'" in capsys.readouterr().err
