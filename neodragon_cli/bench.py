@@ -42,6 +42,10 @@ def add_arguments(p) -> None:
     p.add_argument("--plan-all-units", action="store_true",
                    help="compile every unit layout (default: only the largest, which bounds memory; a compiled "
                         "switch's temp memory and FLOPs are those of its largest branch)")
+    p.add_argument("--plan-depth-probe", default="2,4", metavar="A,B",
+                   help="compile the plans at A and B MMDiT blocks and extrapolate to the full depth (default "
+                        "2,4; a full-depth CPU compile takes ~25 min per row)")
+    p.add_argument("--plan-exact", action="store_true", help="compile every plan row at its full depth")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra overrides for the plan configs (e.g. model.mmdit.remat=full)")
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
@@ -82,11 +86,12 @@ def _largest_unit(preset: str, overrides) -> int:
     return latent_frames(cfg.video.num_frames, cfg.model.vae.causal.temporal_factor) - 1
 
 
-def plan_table(presets, device_counts, stage_name, all_units: bool, overrides, jsonl: str | None = None) -> list[dict]:
+def plan_table(presets, device_counts, stage_name, all_units: bool, overrides, jsonl: str | None = None,
+               probe: tuple[int, int] | None = None) -> list[dict]:
     """Plan every (device count, preset); each row is printed (and appended to ``jsonl``) as soon as it is
     compiled, since a full-size compile takes tens of minutes on a small CPU."""
     from neodragon_cli.train import GIB, activation_estimate, plan_compile_flags, plan_config, resolve_plan_stage
-    from train.plan import plan
+    from train.plan import plan, plan_by_depth
 
     plan_compile_flags()
     stage = resolve_plan_stage(stage_name)
@@ -98,7 +103,10 @@ def plan_table(presets, device_counts, stage_name, all_units: bool, overrides, j
                 extra.append(f"train.pyramid_units=[{_largest_unit(preset, overrides)}]")
             mesh = PLAN_MESHES[n]
             cfg, shape = plan_config(preset, extra, mesh, stage, None)
-            rep = plan(None, cfg, shape, global_batch=cfg.train.global_batch)
+            if probe:
+                rep = plan_by_depth(None, cfg, shape, probe=probe, global_batch=cfg.train.global_batch)
+            else:
+                rep = plan(None, cfg, shape, global_batch=cfg.train.global_batch)
             act = activation_estimate(cfg, shape)
             row = {"config": cfg.name, "stage": stage, "devices": n, "mesh": mesh,
                    **json.loads(rep.to_json()),
@@ -113,15 +121,25 @@ def plan_table(presets, device_counts, stage_name, all_units: bool, overrides, j
     return rows
 
 
+def _mesh(mesh) -> str:
+    return ",".join(f"{k}={v}" for k, v in mesh.items() if v != 1 or k == "fsdp") if isinstance(mesh, dict) else mesh
+
+
+def _blocks(row) -> str:
+    probe = row.get("depth_probe")
+    n = row.get("num_layers")
+    return f"{n} (from {probe[0]}, {probe[1]})" if probe else f"{n}"
+
+
 def format_plan(rows) -> str:
     g = 2**30
-    head = (f"| config | devices | mesh | batch | params GiB | optimizer GiB | batch GiB | activations GiB (est.) | "
+    head = (f"| config | devices | mesh | batch | blocks | params GiB | optimizer GiB | batch GiB | activations GiB (est.) | "
             f"temp GiB | total GiB | TFLOP/step/device | fits 16 GiB | fits 95 GiB |")
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         act = r["activation_bytes_per_device"]
         lines.append(
-            f"| {r['config']} | {r['devices']} | {r['mesh']} | {r['global_batch']} | "
+            f"| {r['config']} | {r['devices']} | {_mesh(r['mesh'])} | {r['global_batch']} | {_blocks(r)} | "
             f"{r['param_bytes_per_device'] / g:.3f} | {r['optimizer_bytes_per_device'] / g:.3f} | "
             f"{r['batch_bytes_per_device'] / g:.3f} | {'-' if act is None else f'{act / g:.2f}'} | "
             f"{r['temp_bytes_per_device'] / g:.2f} | {r['total_bytes_per_device'] / g:.2f} | "
@@ -141,8 +159,14 @@ def run(args) -> int:
         if "plan" in args.parts:
             flat = [o for item in args.overrides for o in item.split()]
             jsonl = str(Path(args.json).with_suffix(".plan.jsonl")) if args.json else None
+            from neodragon_cli.train import CLIError, parse_depth_probe
+
+            try:
+                probe = None if args.plan_exact else parse_depth_probe(args.plan_depth_probe)
+            except CLIError as e:
+                raise ValueError(str(e)) from None
             out["plan"] = plan_table(args.plan_presets, args.plan_devices, args.plan_stage, args.plan_all_units, flat,
-                                     jsonl)
+                                     jsonl, probe)
             print("\nfull-size train-step plan (per device; total = params + optimizer + frozen + batch + temp):")
             print(format_plan(out["plan"]))
     except (RuntimeError, FileNotFoundError, ValueError) as e:

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --mesh: which train step (default flow; dmd = generator + fake score + real score)")
     p.add_argument("--batch", type=int, default=None,
                    help="with --mesh: global batch (default 4 per batch-sharding device)")
+    p.add_argument("--depth-probe", default=None, metavar="A,B",
+                   help="with --mesh: compile at A and B MMDiT blocks and extrapolate every figure to the "
+                        "configured depth (minutes instead of tens of minutes on a CPU; see README 'Planning')")
     p.set_defaults(func=cmd_plan)
 
     from neodragon_cli import bench, train

@@ -245,6 +245,19 @@ def activation_estimate(cfg, shape: dict[str, int]) -> int | None:
     return int(max(per_layout.values()) / n)
 
 
+def parse_depth_probe(text: str | None) -> tuple[int, int] | None:
+    """``"2,4"`` -> (2, 4); None/empty -> None (compile the configured depth)."""
+    if not text:
+        return None
+    try:
+        a, b = (int(x) for x in text.split(","))
+    except ValueError:
+        raise CLIError(f"--depth-probe expects two block counts like 2,4, got {text!r}") from None
+    if min(a, b) < 2 or a == b:
+        raise CLIError(f"--depth-probe needs two different block counts >= 2, got {text!r}")
+    return (min(a, b), max(a, b))
+
+
 def fits(report, capacity_gib: float) -> bool:
     return report.total_bytes_per_device <= capacity_gib * GIB
 
@@ -262,16 +275,20 @@ def plan_mesh(args) -> int:
     """``neodragon plan --mesh ...``: per-device memory and FLOPs of the full train step, no hardware."""
     from neodragon_jax.config import ConfigError
     from neodragon_jax.sharding import MeshError
-    from train.plan import plan
+    from train.plan import plan, plan_by_depth
 
     presets = args.config or list(FULL_SIZE_PRESETS)
     plan_compile_flags()
     out = []
     try:
+        probe = parse_depth_probe(getattr(args, "depth_probe", None))
         stage = resolve_plan_stage(args.stage or "flow")
         for preset in presets:
             cfg, shape = plan_config(preset, args.overrides, args.mesh, stage, args.batch)
-            report = plan(None, cfg, shape, global_batch=cfg.train.global_batch)
+            if probe:
+                report = plan_by_depth(None, cfg, shape, probe=probe, global_batch=cfg.train.global_batch)
+            else:
+                report = plan(None, cfg, shape, global_batch=cfg.train.global_batch)
             act = activation_estimate(cfg, shape)
             if args.json:
                 out.append({"config": cfg.name, **json.loads(report.to_json()),

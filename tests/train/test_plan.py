@@ -54,3 +54,53 @@ def test_two_billion_parameter_state_is_planned_abstractly():
     report = check_sharded(setup.abstract_state["params"], min_bytes=1 << 20, min_shards=4)
     assert report.device_bytes < 1.01 * report.global_bytes / 4
     check_sharded(setup.abstract_state["opt_state"], min_bytes=1 << 20, min_shards=4)
+
+
+def _report(num_layers, per_block, const, **kw):
+    from train.plan import PlanReport
+
+    fields = dict(stage="flow", mesh={"fsdp": 8}, rules="fsdp", platform="cpu", global_batch=32, micro_batches=1,
+                  num_params={"mmdit": const + per_block * num_layers}, num_frozen_params={},
+                  param_bytes_per_device=4 * (const + per_block * num_layers),
+                  optimizer_bytes_per_device=8 * (const + per_block * num_layers) + 8, frozen_bytes_per_device=0,
+                  batch_bytes_per_device=1000, temp_bytes_per_device=10_000 + 3_000 * num_layers,
+                  argument_bytes_per_device=1, output_bytes_per_device=1, alias_bytes_per_device=1,
+                  flops_per_device=1e9 + 2e9 * num_layers, flops_per_step=8 * (1e9 + 2e9 * num_layers),
+                  compile_seconds=10.0 * num_layers, num_layers=num_layers)
+    fields.update(kw)
+    return PlanReport(**fields)
+
+
+def test_depth_extrapolation_is_affine_in_the_block_count():
+    from train.plan import PlanReport, extrapolate_depth
+
+    rep = extrapolate_depth(_report(2, 777, 55), _report(4, 777, 55), 18)
+    exact = _report(18, 777, 55)
+    for name in ("num_params", "param_bytes_per_device", "optimizer_bytes_per_device", "batch_bytes_per_device",
+                 "temp_bytes_per_device", "flops_per_device", "flops_per_step"):
+        assert getattr(rep, name) == getattr(exact, name), name
+    assert rep.depth_probe == (2, 4) and rep.num_layers == 18 and rep.compile_seconds == 60.0
+    assert "18 MMDiT blocks, extrapolated from compiles at 2 and 4 blocks" in rep.table()
+    assert PlanReport.from_json(rep.to_json()) == rep
+    with pytest.raises(ValueError, match="two different depths"):
+        extrapolate_depth(_report(2, 1, 1), _report(2, 1, 1), 18)
+
+
+@pytest.mark.slow
+def test_depth_probe_predicts_the_compiled_deeper_step():
+    """The tiny flow step at 4 blocks on fsdp=8, compiled, against the extrapolation from 2 and 3 blocks.
+    Parameters and optimizer bytes are exact; FLOPs within 1% and temporaries within 10% (buffer packing)."""
+    from train.plan import plan_by_depth
+
+    cfg = load_config("tiny", ['mesh.rules="fsdp"', "train.global_batch=8", "train.stage=flow",
+                               "model.mmdit.num_layers=4", "train.pyramid_units=[1]"])
+    probe = plan_by_depth(None, cfg, {"fsdp": 8}, probe=(2, 3))
+    exact = plan(None, cfg, {"fsdp": 8})
+    assert probe.depth_probe == (2, 3) and exact.depth_probe is None and exact.num_layers == 4
+    assert probe.num_params == exact.num_params
+    assert probe.param_bytes_per_device == exact.param_bytes_per_device
+    assert probe.optimizer_bytes_per_device == exact.optimizer_bytes_per_device
+    assert probe.flops_per_device == pytest.approx(exact.flops_per_device, rel=0.01)
+    assert probe.temp_bytes_per_device == pytest.approx(exact.temp_bytes_per_device, rel=0.10)
+    with pytest.raises(ValueError, match=">= 2"):
+        plan_by_depth(None, cfg, {"fsdp": 8}, probe=(1, 3))
