@@ -159,12 +159,9 @@ def run(args) -> int:
         if "plan" in args.parts:
             flat = [o for item in args.overrides for o in item.split()]
             jsonl = str(Path(args.json).with_suffix(".plan.jsonl")) if args.json else None
-            from neodragon_cli.train import CLIError, parse_depth_probe
+            from neodragon_cli.train import parse_depth_probe
 
-            try:
-                probe = None if args.plan_exact else parse_depth_probe(args.plan_depth_probe)
-            except CLIError as e:
-                raise ValueError(str(e)) from None
+            probe = None if args.plan_exact else parse_depth_probe(args.plan_depth_probe)
             out["plan"] = plan_table(args.plan_presets, args.plan_devices, args.plan_stage, args.plan_all_units, flat,
                                      jsonl, probe)
             print("\nfull-size train-step plan (per device; total = params + optimizer + frozen + batch + temp):")

@@ -67,3 +67,11 @@ def test_plan_stage_flags_need_a_mesh(capsys):
     with pytest.raises(SystemExit) as e:
         main(["plan", "--config", "tiny", "--mesh", "data=2", "--stage", "nosuch"])
     assert e.value.code == 2 and "invalid choice: 'nosuch'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("probe, message", [("x", "expects two block counts like 2,4"),
+                                            ("1,3", "two different depths >= 2"), ("3,3", "two different depths")])
+def test_plan_bad_depth_probe_is_one_clear_line(probe, message, capsys):
+    assert main(["plan", "--config", "tiny", "--mesh", "fsdp=8", "--depth-probe", probe]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
