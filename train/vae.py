@@ -26,9 +26,19 @@ Data (the stage's own example source, ``data.source = "synthetic"``):
 * ``data.path`` empty: clips of the synthetic domain rendered on the fly (``cfg.data.num_synthetic`` of them,
   deterministic by ``cfg.data.seed``).
 
-Initialisation (from scratch; see :meth:`VAEStage.build_trainable`): fan-in scaled (LeCun normal) kernels
-instead of the official N(0, 0.02) (``kernel_init="official"`` keeps those), and the posterior log-variance
-bias at ``logvar_init`` (default -16), so the posterior starts nearly deterministic.
+Initialisation (from scratch; see :meth:`VAEStage.build_trainable`), instead of the official N(0, 0.02)
+(``kernel_init="official"`` keeps those):
+
+* ``kernel_init="inflated"`` (default): every causal 3-D kernel starts as a per-frame 2-D convolution: its
+  last time tap (the current frame) fan-in scaled over ``kh * kw * c_in``, the earlier taps zero. A fan-in
+  init spread over the three taps (``"lecun"``) gives the first frame, which sees two zero padding frames at
+  every layer, a third of the variance per convolution, and after ~20 of them its latent barely depends on
+  the input (the first frame then decodes to one blob whatever the clip);
+* ``zero_init_residual=True``: the second convolution of every ResNet block and the attention output
+  projections start at zero, so every block starts as the identity and the network as the short stack of
+  convolutions on its skip path; trained from a random deep stack, the decoder first learns the mean clip
+  and the gradient barely reaches the encoder;
+* the posterior log-variance bias at ``logvar_init`` (default -16): the posterior starts nearly deterministic.
 
 Optional random crops (``clip_frames`` consecutive frames, ``crop x crop`` pixels): the VAE is convolutional
 (its attention and group norms are per frame), so training on crops is much cheaper and transfers to whole
@@ -217,6 +227,10 @@ def to_model_video(clip_u8: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- stage
+#: ``VAEStage(kernel_init=...)``: see the module docstring.
+KERNEL_INITS = ("inflated", "lecun", "official")
+
+
 @dataclasses.dataclass(frozen=True)
 class VAELossWeights:
     mse: float = 1.0
@@ -236,7 +250,7 @@ class VAEStage:
 
     def __init__(self, cfg: Config, *, clip_frames: int | None = None, crop: int | None = None,
                  crops_per_clip: int = 16, weights: VAELossWeights = VAELossWeights(),
-                 logvar_init: float | None = -16.0, kernel_init: str = "lecun",
+                 logvar_init: float | None = -16.0, kernel_init: str = "inflated", zero_init_residual: bool = True,
                  cache_dir: str | os.PathLike | None = None, progress: bool = True):
         self.clip_frames = int(clip_frames or cfg.video.num_frames)
         self.crop = None if crop is None or (crop >= cfg.video.height and crop >= cfg.video.width) else int(crop)
@@ -248,9 +262,10 @@ class VAEStage:
         self.crops_per_clip = int(crops_per_clip)
         self.weights = weights
         self.logvar_init = logvar_init
-        if kernel_init not in ("lecun", "official"):
-            raise ValueError(f"kernel_init must be 'lecun' or 'official', got {kernel_init!r}")
+        if kernel_init not in KERNEL_INITS:
+            raise ValueError(f"kernel_init must be one of {', '.join(map(repr, KERNEL_INITS))}, got {kernel_init!r}")
         self.kernel_init = kernel_init
+        self.zero_init_residual = bool(zero_init_residual)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else Path(cfg.train.output_dir) / "clip_cache"
         self.progress = progress
         self._clips = None
@@ -260,7 +275,7 @@ class VAEStage:
     def build_trainable(self, cfg: Config, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
         vae = CausalVideoVAE(cfg.model.vae, decoder="native", dtype=as_dtype(cfg.precision.dtype),
                              param_dtype=as_dtype(cfg.precision.param_dtype), rngs=rngs)
-        if self.kernel_init == "lecun":
+        if self.kernel_init != "official":
             # The official N(0, 0.02) kernels shrink a signal ~2x per layer at these widths: trained from
             # scratch, the decoder learns the mean clip from its biases long before the latents' tiny signal
             # reaches it, and the encoder never learns (the autoencoder collapses to a constant output).
@@ -268,8 +283,20 @@ class VAEStage:
             init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
             key = rngs.params()
             for i, (path, var) in enumerate(nnx.iter_graph(vae)):
-                if isinstance(var, nnx.Param) and path and path[-1] == "kernel":
-                    var[...] = init(jax.random.fold_in(key, i), var.shape, var.dtype)
+                if not (isinstance(var, nnx.Param) and path and path[-1] == "kernel"):
+                    continue
+                k = jax.random.fold_in(key, i)
+                if self.kernel_init == "inflated" and var.ndim == 5 and var.shape[0] > 1:
+                    # [kt, kh, kw, in, out]: only the current-frame tap (the last one; causal padding is
+                    # in front) is non-zero, fan-in scaled over one frame.
+                    var[...] = jnp.zeros(var.shape, var.dtype).at[-1].set(init(k, var.shape[1:], var.dtype))
+                else:
+                    var[...] = init(k, var.shape, var.dtype)
+        if self.zero_init_residual:
+            for path, var in nnx.iter_graph(vae):
+                if isinstance(var, nnx.Param) and path and path[-1] == "kernel" and (
+                        "conv2" in path or "to_out" in path):
+                    var[...] = jnp.zeros(var.shape, var.dtype)
         if self.logvar_init is not None:
             # With the official N(0, 0.02) init the encoder's means start at ~0.03: a posterior of unit
             # variance (log-variance ~0 at init) would bury them in sampling noise and the autoencoder would

@@ -130,3 +130,29 @@ def test_latent_normalisation_gives_unit_latents(tmp_path):
     rec, p, s = reconstruct(vae, videos[:3], batch_size=2)  # a padded last batch
     assert rec.shape == videos[:3].shape and p.shape == s.shape == (3,)
     assert np.all(np.abs(rec) <= 1.0)
+
+
+def test_inflated_init_keeps_the_first_frame_alive_and_blocks_start_as_identity(tmp_path):
+    cfg = _cfg(tmp_path)
+    videos = jax.random.uniform(jax.random.key(3), (4, 3, 17, 32, 32), minval=-1, maxval=1)
+
+    def first_frame_sensitivity(**kw):
+        vae = VAEStage(cfg, clip_frames=17, crop=32, **kw).build_trainable(cfg, nnx.Rngs(0))["vae"]
+        z = np.asarray(vae.encode(videos).mean)  # [4, 16, 3, 4, 4]
+        across = z.std(axis=0).mean(axis=(0, 2, 3))  # per latent frame: how much it depends on the video
+        return vae, across[0] / across[1:].mean()
+
+    vae, inflated = first_frame_sensitivity()
+    _, lecun = first_frame_sensitivity(kernel_init="lecun", zero_init_residual=False)
+    # A fan-in init spread over the 3 time taps shrinks the first frame (two zero padding frames in front)
+    # by ~sqrt(3) per convolution; the inflated init treats every frame alike.
+    assert inflated > 0.8 and lecun < 0.7, (inflated, lecun)  # measured: 1.05 and 0.59
+    for path, var in nnx.iter_graph(vae):
+        if isinstance(var, nnx.Param) and path and path[-1] == "kernel":
+            if "conv2" in path or "to_out" in path:
+                assert not np.any(np.asarray(var[...])), path  # residual branches start at zero
+            elif var.ndim == 5 and var.shape[0] == 3:
+                k = np.asarray(var[...])
+                assert not np.any(k[:2]) and np.any(k[2]), path  # only the current-frame tap
+    with pytest.raises(ValueError, match="kernel_init must be one of"):
+        VAEStage(cfg, kernel_init="xavier")
