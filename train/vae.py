@@ -29,15 +29,19 @@ Data (the stage's own example source, ``data.source = "synthetic"``):
 Initialisation (from scratch; see :meth:`VAEStage.build_trainable`), instead of the official N(0, 0.02)
 (``kernel_init="official"`` keeps those):
 
-* ``kernel_init="inflated"`` (default): every causal 3-D kernel starts as a per-frame 2-D convolution: its
+* ``kernel_init="lecun"`` (default): fan-in scaled (LeCun normal) kernels;
+* ``kernel_init="inflated"``: every causal 3-D kernel starts as a per-frame 2-D convolution: its
   last time tap (the current frame) fan-in scaled over ``kh * kw * c_in``, the earlier taps zero. A fan-in
   init spread over the three taps (``"lecun"``) gives the first frame, which sees two zero padding frames at
   every layer, a third of the variance per convolution, and after ~20 of them its latent barely depends on
   the input (the first frame then decodes to one blob whatever the clip);
 * ``zero_init_residual=True``: the second convolution of every ResNet block and the attention output
   projections start at zero, so every block starts as the identity and the network as the short stack of
-  convolutions on its skip path; trained from a random deep stack, the decoder first learns the mean clip
-  and the gradient barely reaches the encoder;
+  convolutions on its skip path;
+* measured with the demo VAE on the demo data (batch 4, 17x32x32 crops): ``inflated`` + ``zero_init_residual``
+  trains faster early (train MSE 0.100 against 0.126 at step 600, and the first frame follows the clip) but
+  ends no better: 18.45 dB held-out PSNR after 1500 steps against 19.23 dB with ``lecun`` (one seed each),
+  so ``lecun`` stays the default;
 * the posterior log-variance bias at ``logvar_init`` (default -16): the posterior starts nearly deterministic.
 
 Optional random crops (``clip_frames`` consecutive frames, ``crop x crop`` pixels): the VAE is convolutional
@@ -250,7 +254,7 @@ class VAEStage:
 
     def __init__(self, cfg: Config, *, clip_frames: int | None = None, crop: int | None = None,
                  crops_per_clip: int = 16, weights: VAELossWeights = VAELossWeights(),
-                 logvar_init: float | None = -16.0, kernel_init: str = "inflated", zero_init_residual: bool = True,
+                 logvar_init: float | None = -16.0, kernel_init: str = "lecun", zero_init_residual: bool = False,
                  cache_dir: str | os.PathLike | None = None, progress: bool = True):
         self.clip_frames = int(clip_frames or cfg.video.num_frames)
         self.crop = None if crop is None or (crop >= cfg.video.height and crop >= cfg.video.width) else int(crop)

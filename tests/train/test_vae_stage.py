@@ -142,7 +142,7 @@ def test_inflated_init_keeps_the_first_frame_alive_and_blocks_start_as_identity(
         across = z.std(axis=0).mean(axis=(0, 2, 3))  # per latent frame: how much it depends on the video
         return vae, across[0] / across[1:].mean()
 
-    vae, inflated = first_frame_sensitivity()
+    vae, inflated = first_frame_sensitivity(kernel_init="inflated", zero_init_residual=True)
     _, lecun = first_frame_sensitivity(kernel_init="lecun", zero_init_residual=False)
     # A fan-in init spread over the 3 time taps shrinks the first frame (two zero padding frames in front)
     # by ~sqrt(3) per convolution; the inflated init treats every frame alike.
