@@ -48,7 +48,22 @@ class CausalGroupNorm(nn.GroupNorm):
         return y.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4).to(x.dtype)
 
 
-def _norm(c: int, cfg: CausalVAEConfig) -> CausalGroupNorm:
+class ChannelAffine(nn.Module):
+    """``norm_groups=0``: the GroupNorm's per-channel affine without its statistics (not official)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(c))
+        self.bias = nn.Parameter(torch.zeros(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return (x.float() * self.weight.float().view(shape) + self.bias.float().view(shape)).to(x.dtype)
+
+
+def _norm(c: int, cfg: CausalVAEConfig) -> nn.Module:
+    if cfg.norm_groups == 0:
+        return ChannelAffine(c)
     return CausalGroupNorm(cfg.norm_groups, c, eps=cfg.norm_eps)
 
 

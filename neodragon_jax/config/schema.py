@@ -175,7 +175,7 @@ class CausalVAEConfig:
     decoder_layers_per_block: int = 3
     spatial_down: tuple[bool, ...] = (True, True, True, False)
     temporal_down: tuple[bool, ...] = (True, True, True, False)
-    norm_groups: int = 32
+    norm_groups: int = 32  # 0: per-channel affine without statistics (not official; for tiny VAEs)
     norm_eps: float = 1e-6
     logvar_min: float = -30.0
     logvar_max: float = 20.0

@@ -128,3 +128,22 @@ def test_wrong_decoder_kind_is_rejected(pairs):
     _, light_mirror = pairs["light"]
     with pytest.raises(CheckpointMismatchError, match="decoder.blocks"):
         from_mirror(light_mirror, lambda: CausalVideoVAE(TINY, decoder="native", rngs=nnx.Rngs(0)))
+
+
+@pytest.mark.parity
+def test_affine_only_norm_without_temporal_compression_matches_jax():
+    """``norm_groups=0`` (per-channel affine, no statistics) and no temporal down-sampling: the demo's VAE."""
+    causal = dataclasses.replace(TINY.causal, block_out_channels=(8, 16, 16), spatial_down=(True, True, True),
+                                 temporal_down=(False, False, False), norm_groups=0)
+    cfg = dataclasses.replace(TINY, causal=causal, decoder="native")
+    model, mirror = make_pair("native", seed=5, cfg=cfg)
+    assert "encoder.down_blocks.0.resnets.0.norm1.weight" in mirror.state_dict()
+    video = _video(frames=5)
+    got = np.asarray(nnx.jit(lambda m, v: m.decode(m.encode(v).mean))(model, jnp.asarray(video)))
+    with torch.no_grad():
+        mean, _ = mirror.encode(torch.from_numpy(video))
+        want = mirror.decode(mean).numpy()
+    assert mean.shape[2] == 5 and want.shape == video.shape
+    err = float(np.abs(got - want).max())
+    print(f"affine-only VAE round trip: max abs err {err:.3g}, output max {np.abs(want).max():.3g}")
+    assert np.abs(want).max() > 0.3 and err <= TOL

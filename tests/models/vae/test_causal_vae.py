@@ -361,3 +361,18 @@ def test_parity_with_torch_reference(vae, vae_cfg):
     for ours, theirs in ((mean, tm), (logvar, tl), (y, ty)):
         assert ours.shape == tuple(theirs.shape)
         np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-5, rtol=0)
+
+
+def test_affine_only_norm_keeps_the_parameters_and_skips_the_statistics():
+    from neodragon_jax.layers.causal_conv import CausalGroupNorm
+
+    kw = dict(eps=1e-6, rngs=nnx.Rngs(0))
+    gn, affine = CausalGroupNorm(8, num_groups=2, **kw), CausalGroupNorm(8, num_groups=0, **kw)
+    assert {k for k, _ in nnx.iter_graph(gn) if k} == {k for k, _ in nnx.iter_graph(affine) if k}
+    affine.scale[...] = jnp.arange(1.0, 9.0)
+    affine.bias[...] = jnp.full((8,), 0.5)
+    x = 3.0 + _normal((2, 3, 4, 4, 8))  # a large mean: a GroupNorm would remove it
+    np.testing.assert_allclose(affine(x), x * jnp.arange(1.0, 9.0) + 0.5, rtol=1e-6)
+    assert abs(float(gn(x).mean())) < 1e-3
+    with pytest.raises(ValueError, match="num_groups must be >= 0"):
+        CausalGroupNorm(8, num_groups=-1, **kw)
