@@ -241,7 +241,8 @@ class TextToVideoPipeline:
                 "latent_frames": t_lat,
                 "nfe_expected": count_nfe(
                     t_lat, first_unit_steps=first, later_unit_steps=later, first_unit_cfg=w_first,
-                    later_unit_cfg=w_later, first_frame_given=first_frame_latent is not None,
+                    later_unit_cfg=w_later, frames_per_unit=cfg.pyramid.frames_per_unit,
+                    first_frame_given=first_frame_latent is not None,
                 ),
             },
             random_weights=self.random_weights,
