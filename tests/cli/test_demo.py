@@ -40,7 +40,10 @@ def test_quick_demo_runs_every_phase_and_writes_the_report(quick_demo):
         assert done["seconds"] > 0
     assert re.search(r"\[vae\] step 2/2 \(100%\)", out) and re.search(r"\[flow\] step 2/2 \(100%\)", out)
 
-    assert json.loads((workdir / "vae" / "DONE.json").read_text())["key"]["vae_steps"] == 2  # the quick size
+    vae_key = json.loads((workdir / "vae" / "DONE.json").read_text())["key"]
+    assert vae_key["vae_steps"] == 2  # the quick size
+    assert vae_key["vae_init"] == "inflated" and vae_key["vae_zero_init"] is True
+    assert vae_key["model.vae"]["causal"]["norm_groups"] == 0
     vae = json.loads((workdir / "vae" / "DONE.json").read_text())["results"]
     assert set(vae["normalisation"]) == {"image_shift", "image_scale", "video_shift", "video_scale"}
     assert set(vae["train_metrics"]) >= {"loss", "psnr", "ssim", "kl"}
@@ -48,7 +51,9 @@ def test_quick_demo_runs_every_phase_and_writes_the_report(quick_demo):
     assert (workdir / "text" / "params.npz").is_file()
     for i in range(4):
         assert (workdir / "samples" / f"{i:03d}.mp4").stat().st_size > 0
-        assert json.loads((workdir / "samples" / f"{i:03d}.json").read_text())["nfe"] > 0
+        meta = json.loads((workdir / "samples" / f"{i:03d}.json").read_text())
+        # 9 latent frames with frames_per_unit=8: the first frame, then one 8-frame unit
+        assert meta["nfe"] > 0 and meta["nfe"] == meta["schedule"]["nfe_expected"]
     ev = json.loads((workdir / "eval" / "DONE.json").read_text())["results"]
     assert set(ev["scores"]) == {"renders", "vae_recon", "generated"}
     assert ev["scores"]["renders"]["accuracy"]["colour"] >= 0.75  # the scorer on the renderer's own videos
@@ -90,7 +95,8 @@ def test_settings_are_parsed_and_checked():
     assert s.flow_steps == 7 and s.flow_lr == 1.0 and rest == ["optim.b1=0.8"]
     assert parse_settings([], quick=True)[0].vae_steps < DemoSettings().vae_steps
     for bad, msg in (("demo.nope=1", "unknown demo setting"), ("demo.flow_steps=x", "expected int"),
-                     ("demo.flow_steps=0", ">= 1")):
+                     ("demo.flow_steps=0", ">= 1"), ("demo.vae_init=xavier", "vae_init must be one of"),
+                     ("demo.vae_zero_init=1", "expected bool")):
         with pytest.raises(Exception, match=msg):
             parse_settings([bad], quick=True)
 
