@@ -12,7 +12,7 @@ on top of the demo's own (``neodragon_cli.demo.DEMO_OVERRIDES``)::
 
 The first run caches the clips and held-out videos in ``<workdir>/bench_vae_recipes.npz`` (about 20 MB; copy
 it beside a checkout to run recipes on a machine without the workdir, e.g. several in parallel on one GPU
-with ``XLA_PYTHON_CLIENT_PREALLOCATE=false``: this is how the README's recipe table was measured).
+with ``XLA_PYTHON_CLIENT_PREALLOCATE=false``: this is how the recipes in the README's Demo notes were measured).
 """
 
 from __future__ import annotations
