@@ -49,7 +49,8 @@ def main() -> None:
     ap.add_argument("--workdir", default="runs/demo")
     ap.add_argument("--out", default="vae_recipes.jsonl")
     ap.add_argument("name")
-    ap.add_argument("recipe", nargs="*", help="key=value: " + ", ".join(f"{k} (default {v!r})" for k, v in DEFAULTS.items()))
+    ap.add_argument("recipe", nargs="*",
+                    help="key=value: " + ", ".join(f"{k} (default {v!r})" for k, v in DEFAULTS.items()))
     args = ap.parse_args()
     a = dict(DEFAULTS)
     for kv in args.recipe:

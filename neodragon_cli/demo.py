@@ -100,7 +100,8 @@ DEMO_OVERRIDES = ('model.vae.decoder="native"', "model.vae.causal.block_out_chan
 #: Extra overrides of --quick (short compiles): 9-frame clips (the first frame + one 8-frame unit), a 3-block
 #: VAE (still 8x spatial, no time compression), a 1-block MMDiT trained on one pyramid layout.
 QUICK_OVERRIDES = ("video.num_frames=9", "model.vae.causal.block_out_channels=[8,8,8]",
-                   "model.vae.causal.spatial_down=[true,true,true]", "model.vae.causal.temporal_down=[false,false,false]",
+                   "model.vae.causal.spatial_down=[true,true,true]",
+                   "model.vae.causal.temporal_down=[false,false,false]",
                    "model.mmdit.num_layers=1", "train.pyramid_units=[1]")
 
 
