@@ -47,7 +47,7 @@ def test_quick_demo_runs_every_phase_and_writes_the_report(quick_demo):
     vae = json.loads((workdir / "vae" / "DONE.json").read_text())["results"]
     assert set(vae["normalisation"]) == {"image_shift", "image_scale", "video_shift", "video_scale"}
     assert set(vae["train_metrics"]) >= {"loss", "psnr", "ssim", "kl"}
-    assert len(list((workdir / "latents" / "records").glob("*.npz"))) == 16
+    assert len(list((workdir / "latents" / "records").glob("*.npz"))) == 48
     assert (workdir / "text" / "params.npz").is_file()
     for i in range(4):
         assert (workdir / "samples" / f"{i:03d}.mp4").stat().st_size > 0
@@ -58,11 +58,15 @@ def test_quick_demo_runs_every_phase_and_writes_the_report(quick_demo):
     assert set(ev["scores"]) == {"renders", "vae_recon", "generated"}
     assert ev["scores"]["renders"]["accuracy"]["colour"] >= 0.75  # the scorer on the renderer's own videos
     assert len(ev["psnr_per_video"]) == 4 and all(p > 0 for p in ev["psnr_per_video"])
+    # The teacher beside a per-patch linear denoiser, per pyramid stage (48 records are enough to fit it).
+    assert [r["stage"] for r in ev["flow_vs_linear"]] == [0, 1, 2]
+    assert all(r["teacher"] > 0 and 0 < r["linear_baseline"] for r in ev["flow_vs_linear"])
 
     for section in ("## Headline", "## Phases", "## Scores", "## VAE", "## Flow teacher", "## Files"):
         assert section in report
     assert "colour accuracy (held-out prompts)" in report and "motion accuracy (held-out prompts)" in report
     assert "VAE reconstruction PSNR" in report and "| renders | VAE reconstructions | generated |" in report
+    assert "| stage | latent | var(v*) | per-patch linear baseline | teacher |" in report
     for png in ("eval/generated_vs_render.png", "eval/vae_reconstructions.png"):
         assert f"]({png})" in report and (workdir / png).stat().st_size > 0
     for phase in PHASES:
@@ -104,3 +108,41 @@ def test_settings_are_parsed_and_checked():
 def test_unknown_setting_is_a_clear_cli_error(tmp_path, capsys):
     assert main(["demo", "--workdir", str(tmp_path), "--quick", "--set", "demo.nope=1"]) == 2
     assert "unknown demo setting 'demo.nope'" in capsys.readouterr().err
+
+
+def test_default_demo_layout_fits_at_full_size():
+    """The default (non-quick) demo config, traced without training: a 4x VAE gives 16x16x16 latents of the
+    17-frame clips, and the MMDiT (positional table = the finest 8x8 patch grid) takes every pyramid stage at the
+    largest training layout (the last 8-frame unit with its history)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from neodragon_cli.demo import DEMO_OVERRIDES
+    from neodragon_jax.config import load_config
+    from neodragon_jax.models.mmdit import PyramidMMDiT
+    from neodragon_jax.models.vae import CausalVideoVAE
+    from neodragon_jax.pyramid.loss import flow_matching_loss
+    from neodragon_jax.pyramid.scheduler import make_schedule
+
+    cfg = load_config("tiny", list(DEMO_OVERRIDES))
+    v = cfg.video
+    vae_graph, vae_state = nnx.split(nnx.eval_shape(lambda: CausalVideoVAE(cfg.model.vae, rngs=nnx.Rngs(0))))
+    video = jax.ShapeDtypeStruct((1, 3, v.num_frames, v.height, v.width), jnp.float32)
+    post = jax.eval_shape(lambda st, x: nnx.merge(vae_graph, st).encode(x).mean, vae_state, video)
+    assert post.shape == (1, 16, 17, 16, 16)
+
+    mm_graph, mm_state = nnx.split(nnx.eval_shape(lambda: PyramidMMDiT(cfg.model.mmdit, rngs=nnx.Rngs(0))))
+    assert cfg.model.mmdit.hidden_size == 128
+    t = cfg.model.text
+    batch = {"latents": jax.ShapeDtypeStruct((2,) + post.shape[1:], jnp.float32),
+             "text_tokens": jax.ShapeDtypeStruct((2, t.max_length, cfg.model.mmdit.context_in_dim), jnp.float32),
+             "text_mask": jax.ShapeDtypeStruct((2, t.max_length), jnp.int32),
+             "pooled": jax.ShapeDtypeStruct((2, cfg.model.mmdit.pooled_dim), jnp.float32)}
+    sch = make_schedule(cfg.pyramid)
+    for stage in range(sch.num_stages):
+        loss, aux = jax.eval_shape(
+            lambda st, b: flow_matching_loss(nnx.merge(mm_graph, st), b, jax.random.PRNGKey(0), schedule=sch,
+                                             stage=stage, unit=2),
+            mm_state, batch)
+        assert loss.shape == () and aux["loss_per_sample"].shape == (2,)
