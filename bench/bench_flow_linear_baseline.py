@@ -16,11 +16,8 @@ drew texture where the objects should be.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 from pathlib import Path
-
-import numpy as np
 
 
 def main() -> None:
@@ -31,26 +28,27 @@ def main() -> None:
     args = ap.parse_args()
 
     from neodragon_jax.config import load_config
-    from neodragon_jax.eval.flow_baseline import stage_baselines, teacher_stage_losses
+    from neodragon_jax.eval.flow_baseline import teacher_vs_baseline
     from neodragon_jax.pyramid.scheduler import make_schedule
 
     wd = Path(args.workdir)
     demo = wd / "demo.json"
-    files = sorted(glob.glob(str(wd / "latents" / "records" / "*.npz")))[: args.records]
-    if not demo.is_file() or not files:
-        raise SystemExit(f"{wd} has no demo.json or no latents/records/*.npz: run `neodragon demo --workdir {wd}` "
-                         f"(at least through its latents phase) first")
+    if not demo.is_file():
+        raise SystemExit(f"{wd} has no demo.json: run `neodragon demo --workdir {wd}` (at least through its "
+                         f"latents phase) first")
     saved = json.loads(demo.read_text())["config"]
     cfg = load_config("tiny", [f"pyramid.{k}={json.dumps(v)}" for k, v in saved["pyramid"].items()])
     p = int(saved["model"]["mmdit"]["patch_size"])
-    latents = np.stack([np.load(f)["latents"] for f in files])
-    rows = stage_baselines(latents, make_schedule(cfg.pyramid), p, seed=args.seed)
-    teacher = teacher_stage_losses(wd / "flow" / "metrics.jsonl")
-    print(f"{len(files)} records {tuple(latents.shape[1:])}, patch {p}, {len(rows)} stages")
+    rows, shape = teacher_vs_baseline(wd / "latents" / "records", wd / "flow" / "metrics.jsonl",
+                                      make_schedule(cfg.pyramid), p, limit=args.records, seed=args.seed)
+    if not rows:
+        raise SystemExit(f"{wd} has no latents/records/*.npz: run `neodragon demo --workdir {wd}` (at least "
+                         f"through its latents phase) first")
+    print(f"{shape[0]} records {shape[1:]}, patch {p}, {len(rows)} stages")
     print("| stage | latent | var(v*) | per-patch linear baseline | teacher (last 10% of steps) |")
     print("|---|---|---:|---:|---:|")
     for r in rows:
-        t = teacher.get(r["stage"])
+        t = r["teacher"]
         h, w = r["latent_hw"]
         print(f"| {r['stage']} | {h}x{w} | {r['target_var']:.3f} | {r['linear_baseline']:.3f} | "
               f"{'-' if t is None else f'{t:.3f}'} |")

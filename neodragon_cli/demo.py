@@ -644,27 +644,21 @@ def phase_eval(ctx: DemoContext, data: Phase, samples: Phase, vae, cfg) -> Phase
     return ph
 
 
-def _flow_vs_linear(ctx: DemoContext, cfg, limit: int = 400) -> list[dict]:
+def _flow_vs_linear(ctx: DemoContext, cfg) -> list[dict]:
     """Per pyramid stage: the teacher's training loss (last 10% of steps) beside the loss of a per-patch linear
-    denoiser on the same targets (``neodragon_jax.eval.flow_baseline``), on up to ``limit`` latent records."""
-    import numpy as np
-
-    from neodragon_jax.eval.flow_baseline import stage_baselines, teacher_stage_losses
+    denoiser on the same targets (``neodragon_jax.eval.flow_baseline``), on up to 400 latent records."""
+    from neodragon_jax.eval.flow_baseline import teacher_vs_baseline
     from neodragon_jax.pyramid.scheduler import make_schedule
 
-    files = sorted((ctx.workdir / "latents" / "records").glob("*.npz"))[:limit]
-    if not files:
-        return []
-    _say(f"[eval] per-patch linear baseline of the flow targets on {len(files)} latent records")
-    latents = np.stack([np.load(f)["latents"] for f in files])
+    _say("[eval] per-patch linear baseline of the flow targets")
     try:
-        rows = stage_baselines(latents, make_schedule(cfg.pyramid), cfg.model.mmdit.patch_size,
-                               seed=ctx.settings.data_seed)
+        rows, _ = teacher_vs_baseline(ctx.workdir / "latents" / "records", ctx.workdir / "flow" / "metrics.jsonl",
+                                      make_schedule(cfg.pyramid), cfg.model.mmdit.patch_size,
+                                      seed=ctx.settings.data_seed)
     except ValueError as e:  # too few patches to fit (a toy run)
         _say(f"[eval] no linear baseline: {e}")
         return []
-    teacher = teacher_stage_losses(ctx.workdir / "flow" / "metrics.jsonl")
-    return [dict(r, teacher=teacher.get(r["stage"])) for r in rows]
+    return rows
 
 
 # -- report -------------------------------------------------------------------------------------------------

@@ -111,4 +111,18 @@ def teacher_stage_losses(metrics_jsonl: str | os.PathLike) -> dict[int, float]:
     return {int(k[len("loss/stage"):]): float(np.mean([r[k] for r in tail if k in r])) for k in keys}
 
 
-__all__ = ["linear_patch_baseline", "patch_rows", "stage_baselines", "teacher_stage_losses"]
+def teacher_vs_baseline(records_dir: str | os.PathLike, metrics_jsonl: str | os.PathLike, schedule,
+                        patch_size: int, *, limit: int = 400, seed: int = 0) -> tuple[list[dict], tuple[int, ...]]:
+    """:func:`stage_baselines` on the ``latents`` of the first ``limit`` ``*.npz`` records in ``records_dir``,
+    each row with ``"teacher"`` (the run's stage loss, None if not logged). Returns ``(rows, shape of the
+    stacked latents [N, C, F, H, W])``; ``([], ())`` when there is no record."""
+    files = sorted(Path(records_dir).glob("*.npz"))[:limit]
+    if not files:
+        return [], ()
+    latents = np.stack([np.load(f)["latents"] for f in files])
+    teacher = teacher_stage_losses(metrics_jsonl)
+    rows = stage_baselines(latents, schedule, patch_size, seed=seed)
+    return [dict(r, teacher=teacher.get(r["stage"])) for r in rows], tuple(latents.shape)
+
+
+__all__ = ["linear_patch_baseline", "patch_rows", "stage_baselines", "teacher_stage_losses", "teacher_vs_baseline"]
