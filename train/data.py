@@ -44,15 +44,19 @@ class SyntheticSource:
 
 class NpzRecords:
     """Pre-extracted records: a folder of ``*.npz`` files (one example each, sorted by name), or one ``.npz``
-    whose arrays all have the examples on axis 0 (loaded once)."""
+    whose arrays all have the examples on axis 0 (loaded once). ``in_memory`` reads a folder's records once
+    into stacked arrays (every record must have the same fields and shapes)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, in_memory: bool = False):
         self.path = Path(path)
         if self.path.is_dir():
             self.files = sorted(self.path.glob("*.npz"))
             if not self.files:
                 raise FileNotFoundError(f"no *.npz records in {self.path}")
             self.arrays = None
+            if in_memory:
+                self.arrays = self._stack(self.files)
+                self.files = None
         elif self.path.suffix == ".npz" and self.path.is_file():
             with np.load(self.path) as z:
                 self.arrays = {k: z[k] for k in z.files}
@@ -62,6 +66,26 @@ class NpzRecords:
             self.files = None
         else:
             raise FileNotFoundError(f"data.path {str(self.path)!r} is neither a folder of .npz records nor a .npz file")
+
+    @staticmethod
+    def _stack(files: list[Path]) -> dict[str, np.ndarray]:
+        first = None
+        arrays: dict[str, np.ndarray] = {}
+        for i, f in enumerate(files):
+            with np.load(f) as z:
+                rec = {k: z[k] for k in z.files}
+            if first is None:
+                first = {k: (v.shape, v.dtype) for k, v in rec.items()}
+                arrays = {k: np.empty((len(files), *shape), dtype) for k, (shape, dtype) in first.items()}
+            got = {k: (v.shape, v.dtype) for k, v in rec.items()}
+            if got != first:
+                raise ValueError(f"{f}: fields {got} differ from {files[0].name}'s {first}; data.in_memory needs "
+                                 "records of one layout (re-extract them, or set data.in_memory=false)")
+            for k, v in rec.items():
+                arrays[k][i] = v
+        log.info("loaded %d records into memory (%.1f MB)", len(files),
+                 sum(a.nbytes for a in arrays.values()) / 1e6)
+        return arrays
 
     def __len__(self) -> int:
         return len(self.files) if self.files is not None else next(iter(self.arrays.values())).shape[0]
@@ -89,7 +113,7 @@ def make_source(stage, cfg) -> RecordSource:
         return SyntheticSource(stage, cfg)
     if not cfg.data.path:
         raise ValueError("data.source='records' needs data.path (a folder of .npz records or one .npz file)")
-    return NpzRecords(cfg.data.path)
+    return NpzRecords(cfg.data.path, in_memory=cfg.data.in_memory)
 
 
 class IndexSampler:

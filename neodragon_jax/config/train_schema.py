@@ -114,3 +114,6 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 0
     num_synthetic: int = 1024
+    # records only: read every record into host memory once at start. For datasets that fit in RAM this
+    # takes the per-step file reads (about 1 ms per 280 kB record) off an accelerator's critical path.
+    in_memory: bool = False

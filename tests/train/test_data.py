@@ -74,6 +74,24 @@ def test_npz_records_folder_and_file(tmp_path):
         next(it)
 
 
+def test_npz_records_in_memory_equal_the_files(tmp_path):
+    examples = [{"latents": np.random.default_rng(i).normal(size=(2, 3)).astype(np.float32),
+                 "mask": np.arange(4, dtype=np.int32) + i} for i in range(7)]
+    folder = write_npz_records(tmp_path / "recs", examples)
+    on_disk, in_memory = NpzRecords(folder), NpzRecords(folder, in_memory=True)
+    assert in_memory.files is None and len(in_memory) == 7
+    for i in range(7):
+        for k in ("latents", "mask"):
+            assert in_memory[i][k].dtype == on_disk[i][k].dtype
+            np.testing.assert_array_equal(in_memory[i][k], on_disk[i][k])
+    batches = [next(DataIterator(src, ["latents", "mask"], 4, seed=3, prefetch=0)) for src in (on_disk, in_memory)]
+    for k in ("latents", "mask"):
+        np.testing.assert_array_equal(batches[0][k], batches[1][k])
+    np.savez(folder / "000007.npz", latents=np.zeros((2, 4), np.float32), mask=np.zeros(4, np.int32))
+    with pytest.raises(ValueError, match="000007.npz: fields .* differ .* data.in_memory"):
+        NpzRecords(folder, in_memory=True)
+
+
 def test_global_batch_assembly_is_sharded():
     cfg = load_config("tiny")
     stage = ToyStage(cfg)
