@@ -321,10 +321,15 @@ def _phase_config(ctx: DemoContext, *, stage: str, steps: int, batch: int, out: 
                                   log_every=log_every, tensorboard=False),
         optim=dataclasses.replace(cfg.optim, **optim),
         data=dataclasses.replace(cfg.data, **data),
-        checkpoint=dataclasses.replace(cfg.checkpoint, resume=True, every_steps=max(1, min(250, steps)),
+        checkpoint=dataclasses.replace(cfg.checkpoint, resume=True, every_steps=_checkpoint_every(steps),
                                        keep_latest=1),
         mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=n, tensor=1),
     )
+
+
+def _checkpoint_every(steps: int) -> int:
+    """Every 250 steps, or 20 checkpoints a run for long ones (an accelerator runs tens of steps a second)."""
+    return max(1, min(steps, max(250, steps // 20)))
 
 
 def _latest_step(cfg) -> int | None:
@@ -537,12 +542,22 @@ def _flow_stage_and_config(ctx: DemoContext, ph: Phase, latents: Phase, cfg):
     from train.stages import get_stage
 
     s = ctx.settings
+    records = latents.dir / "records"
     fcfg = _phase_config(ctx, stage="flow", steps=s.flow_steps, batch=s.flow_batch, out=ph.dir, base=cfg,
                          optim={"lr": s.flow_lr, "warmup_steps": min(s.flow_warmup, s.flow_steps // 2),
                                 "end_lr_ratio": 0.05, "ema_decay": s.flow_ema, "b2": 0.99},
-                         data={"source": "records", "path": str((latents.dir / "records").absolute()),
-                               "seed": s.data_seed})
+                         data={"source": "records", "path": str(records.absolute()), "seed": s.data_seed,
+                               "in_memory": _records_fit_in_memory(records)})
     return get_stage("flow", fcfg), fcfg
+
+
+#: Records up to this size are read into host memory once: on an accelerator, reading a batch's npz files
+#: each step (about 1 ms per record on this machine) would otherwise bound the step rate.
+IN_MEMORY_RECORDS_BYTES = 4 << 30
+
+
+def _records_fit_in_memory(records: Path) -> bool:
+    return records.is_dir() and sum(f.stat().st_size for f in records.glob("*.npz")) <= IN_MEMORY_RECORDS_BYTES
 
 
 def phase_flow(ctx: DemoContext, latents: Phase, cfg) -> tuple[Phase, Any]:

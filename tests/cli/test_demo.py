@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from neodragon_cli.demo import DemoSettings, parse_settings
+from neodragon_cli.demo import DemoSettings, _checkpoint_every, parse_settings
 from neodragon_cli.main import main
 
 PHASES = ("data", "vae", "latents", "flow", "samples", "eval")
@@ -49,6 +49,8 @@ def test_quick_demo_runs_every_phase_and_writes_the_report(quick_demo):
     assert set(vae["train_metrics"]) >= {"loss", "psnr", "ssim", "kl"}
     assert len(list((workdir / "latents" / "records").glob("*.npz"))) == 48
     assert (workdir / "text" / "params.npz").is_file()
+    flow_cfg = json.loads((workdir / "flow" / "config.json").read_text())
+    assert flow_cfg["data"]["in_memory"] is True  # 48 small records: read once, not per step
     for i in range(4):
         assert (workdir / "samples" / f"{i:03d}.mp4").stat().st_size > 0
         meta = json.loads((workdir / "samples" / f"{i:03d}.json").read_text())
@@ -146,3 +148,7 @@ def test_default_demo_layout_fits_at_full_size():
                                              stage=stage, unit=2),
             mm_state, batch)
         assert loss.shape == () and aux["loss_per_sample"].shape == (2,)
+
+
+def test_checkpoint_cadence_is_every_250_steps_or_20_a_run():
+    assert [_checkpoint_every(n) for n in (2, 250, 600, 5000, 20000)] == [2, 250, 250, 250, 1000]
