@@ -76,6 +76,10 @@ class DemoSettings:
     flow_lr: float = 2e-3
     flow_warmup: int = 100
     flow_ema: float = 0.0          # > 0: keep an EMA of the MMDiT and generate with it
+    # > 0: the flow phase stops after this many seconds (compilation included) at the step it reached,
+    # checkpointed, and the demo goes on with that teacher; for a time-boxed machine (use a schedule that
+    # does not depend on the step count, e.g. optim.decay_steps, since the run may end early).
+    flow_time_limit: float = 0.0
     extract_batch: int = 8
     text_seed: int = 0
     devices: int = 0               # devices to train on; 0 = one on CPU (XLA uses every core), all otherwise
@@ -144,6 +148,8 @@ def parse_settings(overrides: list[str], quick: bool) -> tuple[DemoSettings, lis
 
     if s.vae_init not in KERNEL_INITS:
         raise DemoError(f"demo.vae_init must be one of {', '.join(KERNEL_INITS)}, got {s.vae_init!r}")
+    if s.flow_time_limit < 0:
+        raise DemoError(f"demo.flow_time_limit must be >= 0 seconds (0 = none), got {s.flow_time_limit}")
     if not 0.0 <= s.two_object_prob <= 1.0:
         raise DemoError(f"demo.two_object_prob must be in [0, 1], got {s.two_object_prob}")
     return s, config_overrides
@@ -315,13 +321,13 @@ def _mesh(settings: DemoSettings):
 
 
 def _phase_config(ctx: DemoContext, *, stage: str, steps: int, batch: int, out: Path, optim: dict, data: dict,
-                  base=None, log_every: int = 10):
+                  base=None, log_every: int = 10, time_limit_s: float = 0.0):
     cfg = base or ctx.cfg
     n = int(ctx.mesh.devices.size)
     return dataclasses.replace(
         cfg,
         train=dataclasses.replace(cfg.train, stage=stage, steps=steps, global_batch=batch, output_dir=str(out),
-                                  log_every=log_every, tensorboard=False),
+                                  log_every=log_every, tensorboard=False, time_limit_s=time_limit_s),
         optim=dataclasses.replace(cfg.optim, **optim),
         data=dataclasses.replace(cfg.data, **data),
         checkpoint=dataclasses.replace(cfg.checkpoint, resume=True, every_steps=_checkpoint_every(steps),
@@ -350,14 +356,15 @@ def _latest_step(cfg) -> int | None:
         ck.close()
 
 
-def _train(ctx: DemoContext, phase: Phase, cfg, stage, keys: tuple[str, ...]) -> dict:
-    """Run (or resume) a training stage to ``cfg.train.steps`` with progress lines; returns its last metrics."""
+def _train(ctx: DemoContext, phase: Phase, cfg, stage, keys: tuple[str, ...]) -> tuple[dict, int]:
+    """Run (or resume) a training stage to ``cfg.train.steps`` (or its ``train.time_limit_s``) with progress
+    lines; returns its last metrics and the step it ended at."""
     from train.loop import run
 
     latest = _latest_step(cfg)
     if latest is not None and latest >= cfg.train.steps:
         _say(f"[{phase.name}] checkpoint at step {latest} already complete")
-        return {}
+        return {}, latest
     if latest is not None:
         _say(f"[{phase.name}] resuming from the checkpoint at step {latest} of {cfg.train.steps}")
     _say(f"[{phase.name}] building the models and compiling the train step ...")
@@ -368,7 +375,10 @@ def _train(ctx: DemoContext, phase: Phase, cfg, stage, keys: tuple[str, ...]) ->
         result = run(cfg, stage=stage, mesh=ctx.mesh, console=False)
     finally:
         progress.stop()
-    return {k: float(v) for k, v in result.last_metrics.items()}
+    if result.time_limited:
+        _say(f"[{phase.name}] time limit of {cfg.train.time_limit_s:g} s reached: stopped at step "
+             f"{result.end_step} of {cfg.train.steps}")
+    return {k: float(v) for k, v in result.last_metrics.items()}, result.end_step
 
 
 def _num_params(module) -> int:
@@ -461,7 +471,7 @@ def phase_vae(ctx: DemoContext, data: Phase) -> tuple[Phase, Any]:
     if ph.done():
         return ph, restore_modules(stage, cfg, ctx.mesh)["vae"]
     t0 = ph.start()
-    metrics = _train(ctx, ph, cfg, stage, ("loss", "psnr", "ssim"))
+    metrics, _ = _train(ctx, ph, cfg, stage, ("loss", "psnr", "ssim"))
     vae = restore_modules(stage, cfg, ctx.mesh)["vae"]
     from train.vae import latent_normalisation
 
@@ -547,6 +557,7 @@ def _flow_stage_and_config(ctx: DemoContext, ph: Phase, latents: Phase, cfg):
     s = ctx.settings
     records = latents.dir / "records"
     fcfg = _phase_config(ctx, stage="flow", steps=s.flow_steps, batch=s.flow_batch, out=ph.dir, base=cfg,
+                         time_limit_s=s.flow_time_limit,
                          optim={"lr": s.flow_lr, "warmup_steps": min(s.flow_warmup, s.flow_steps // 2),
                                 "end_lr_ratio": 0.05, "ema_decay": s.flow_ema, "b2": 0.99},
                          data={"source": "records", "path": str(records.absolute()), "seed": s.data_seed,
@@ -566,7 +577,8 @@ def _records_fit_in_memory(records: Path) -> bool:
 def phase_flow(ctx: DemoContext, latents: Phase, cfg) -> tuple[Phase, Any]:
     s = ctx.settings
     key = {"flow_steps": s.flow_steps, "flow_batch": s.flow_batch, "flow_lr": s.flow_lr, "flow_warmup": s.flow_warmup,
-           "flow_ema": s.flow_ema, "model.mmdit": dataclasses.asdict(cfg.model.mmdit),
+           "flow_ema": s.flow_ema, **({"flow_time_limit": s.flow_time_limit} if s.flow_time_limit else {}),
+           "model.mmdit": dataclasses.asdict(cfg.model.mmdit),
            "pyramid": dataclasses.asdict(cfg.pyramid), "train.pyramid_units": list(cfg.train.pyramid_units),
            "optim": dataclasses.asdict(cfg.optim), "precision": dataclasses.asdict(cfg.precision)}
     ph = Phase(ctx.workdir, "flow", key, upstream=latents)
@@ -574,9 +586,9 @@ def phase_flow(ctx: DemoContext, latents: Phase, cfg) -> tuple[Phase, Any]:
     if ph.done():
         return ph, restore_modules(stage, fcfg, ctx.mesh)["mmdit"]
     t0 = ph.start()
-    metrics = _train(ctx, ph, fcfg, stage, ("loss", "loss/stage0", "loss/stage1", "loss/stage2"))
+    metrics, steps = _train(ctx, ph, fcfg, stage, ("loss", "loss/stage0", "loss/stage1", "loss/stage2"))
     mmdit = restore_modules(stage, fcfg, ctx.mesh)["mmdit"]
-    ph.finish(t0, train_metrics=metrics, params=_num_params(mmdit))
+    ph.finish(t0, train_metrics=metrics, params=_num_params(mmdit), steps=steps)
     return ph, mmdit
 
 
@@ -685,6 +697,12 @@ class _Scores:
         self.accuracy, self.all_correct, self.num_videos = d["accuracy"], d["all_correct"], d["num_videos"]
 
 
+def _flow_steps(results: dict, s: DemoSettings) -> str:
+    """Steps the teacher trained: ``flow_steps``, or where ``flow_time_limit`` stopped it."""
+    done = results.get("steps", s.flow_steps)
+    return str(done) if done >= s.flow_steps else f"{done} (of {s.flow_steps}; time limit {s.flow_time_limit:g} s)"
+
+
 def write_report(ctx: DemoContext, phases: list[Phase], cfg, total_seconds: float) -> Path:
     from neodragon_jax.eval.report import MarkdownReport, score_table
 
@@ -713,7 +731,7 @@ def write_report(ctx: DemoContext, phases: list[Phase], cfg, total_seconds: floa
     what = {"data": f"{s.train_videos} training + {s.eval_videos} held-out videos",
             "vae": f"{s.vae_steps} steps, batch {s.vae_batch}, crops {s.vae_frames}x{s.vae_crop}x{s.vae_crop}",
             "latents": f"{by['latents'].results.get('records', '?')} records",
-            "flow": f"{s.flow_steps} steps, batch {s.flow_batch}",
+            "flow": f"{_flow_steps(by['flow'].results, s)} steps, batch {s.flow_batch}",
             "samples": f"{by['samples'].results.get('videos', '?')} videos, "
                        f"{by['samples'].results.get('nfe_per_video', '?')} NFE each",
             "eval": "VAE PSNR/SSIM, scorer x3"}
@@ -752,7 +770,7 @@ def write_report(ctx: DemoContext, phases: list[Phase], cfg, total_seconds: floa
     sm, m = cfg.sampling, cfg.model.mmdit
     rep.heading("Flow teacher")
     rep.paragraph(
-        f"`flow` stage: MMDiT {m.num_layers} blocks x {m.num_heads * m.head_dim} wide ({f.get('params', 0):,} parameters), {s.flow_steps} steps of batch {s.flow_batch}, AdamW lr "
+        f"`flow` stage: MMDiT {m.num_layers} blocks x {m.num_heads * m.head_dim} wide ({f.get('params', 0):,} parameters), {_flow_steps(f, s)} steps of batch {s.flow_batch}, AdamW lr "
         f"{s.flow_lr:g}. Last step: " + (", ".join(f"{k} {ft[k]:.4g}" for k in ft if k.startswith("loss")) or "-")
         + f". Text features come from the tiny preset's teacher text stack (T5 + CLIP pair) with random, frozen "
         f"weights: the MMDiT learns to read them. Sampling: teacher schedule "

@@ -46,6 +46,9 @@ class RunResult:
     flops_per_device: float
     peak_flops: float
     state: Any = None
+    # True when ``train.time_limit_s`` ended the run before ``end_step`` was planned (``end_step`` is then
+    # the step it reached and saved).
+    time_limited: bool = False
 
 
 def checkpoint_dir(cfg: Config) -> Path:
@@ -62,7 +65,11 @@ def run(
     console: bool = True,
     keep_state: bool = False,
 ) -> RunResult:
-    """Train ``cfg.train.stage`` to ``cfg.train.steps`` (or ``stop_after`` more steps); returns a summary."""
+    """Train ``cfg.train.stage`` to ``cfg.train.steps`` (or ``stop_after`` more steps, or until
+    ``cfg.train.time_limit_s`` has passed since this call began); returns a summary."""
+    t_call = time.monotonic()
+    if cfg.train.time_limit_s < 0:
+        raise ValueError(f"train.time_limit_s must be >= 0 (0 = no limit), got {cfg.train.time_limit_s}")
     stage = stage or stages_lib.get_stage(cfg.train.stage, cfg)
     mesh = mesh or make_mesh(cfg.mesh)
     gb = cfg.train.global_batch
@@ -125,6 +132,22 @@ def run(
             last = host
             writer.write(s, host, console=console and (s % cfg.train.log_every == 0 or s == end - 1))
 
+    time_limited = False
+
+    def out_of_time(done: int) -> bool:
+        if not cfg.train.time_limit_s:
+            return False
+        over = time.monotonic() - t_call >= cfg.train.time_limit_s
+        if jax.process_count() > 1:
+            # Every process must stop at the same step (a save is collective): process 0's clock decides,
+            # asked every log_every steps so the broadcast does not serialise each step.
+            if done % cfg.train.log_every:
+                return False
+            from jax.experimental import multihost_utils
+
+            over = bool(multihost_utils.broadcast_one_to_all(over))
+        return over
+
     try:
         for s in range(start, end):
             profiler.before_step(s)
@@ -134,6 +157,14 @@ def run(
             drain(keep=1)
             profiler.after_step(s, sync=metrics)
             done = s + 1
+            if done < end and out_of_time(done):
+                time_limited = True
+                log.warning("train.time_limit_s=%g reached at step %d of %d: saving and stopping",
+                            cfg.train.time_limit_s, done, end)
+                if console and is_main:
+                    print(f"time limit of {cfg.train.time_limit_s:g} s reached at step {done} of {end}: "
+                          "checkpointing and stopping", flush=True)
+                end = done
             if ckpt.should_save(done) or done == end:
                 drain(keep=0)
                 if ckpt.save(done, state, config_json, data.get_state(), force=done == end):
@@ -142,13 +173,16 @@ def run(
             if debug_kill_at_step is not None and done == debug_kill_at_step:
                 # Test hook: die like a preempted job, possibly with an async save in flight.
                 os.kill(os.getpid(), signal.SIGKILL)
+            if time_limited:
+                break
         drain(keep=0)
     finally:
         profiler.close()
         ckpt.close()
         writer.close()
         data.close()
-    return RunResult(out_dir, start, end, resumed_from, losses, last, flops, peak, state if keep_state else None)
+    return RunResult(out_dir, start, end, resumed_from, losses, last, flops, peak, state if keep_state else None,
+                     time_limited=time_limited)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,6 +73,10 @@ class TrainConfig:
     # Pyramid stages: finest-stage units the step may draw (complementary unit sampling, one compiled
     # branch each); empty = every unit of the clip.
     pyramid_units: tuple[int, ...] = ()
+    # Wall-clock budget of one invocation in seconds (start-up and compilation included); 0 = none. When it
+    # runs out the loop checkpoints the step it reached and stops early, so a time-boxed job (a lent
+    # accelerator, a preemptible slot) ends with its work saved; a later invocation resumes from there.
+    time_limit_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from neodragon_cli.demo import DemoSettings, _checkpoint_every, parse_settings
+from neodragon_cli.demo import DemoSettings, _checkpoint_every, _flow_steps, parse_settings
 from neodragon_cli.main import main
 
 PHASES = ("data", "vae", "latents", "flow", "samples", "eval")
@@ -102,7 +102,7 @@ def test_settings_are_parsed_and_checked():
     assert parse_settings([], quick=True)[0].vae_steps < DemoSettings().vae_steps
     for bad, msg in (("demo.nope=1", "unknown demo setting"), ("demo.flow_steps=x", "expected int"),
                      ("demo.flow_steps=0", ">= 1"), ("demo.vae_init=xavier", "vae_init must be one of"),
-                     ("demo.vae_zero_init=1", "expected bool")):
+                     ("demo.vae_zero_init=1", "expected bool"), ("demo.flow_time_limit=-5", "flow_time_limit must be >= 0")):
         with pytest.raises(Exception, match=msg):
             parse_settings([bad], quick=True)
 
@@ -152,3 +152,10 @@ def test_default_demo_layout_fits_at_full_size():
 
 def test_checkpoint_cadence_is_every_250_steps_or_20_a_run():
     assert [_checkpoint_every(n) for n in (2, 250, 600, 5000, 20000)] == [2, 250, 250, 250, 1000]
+
+
+def test_report_says_where_a_time_limit_stopped_the_teacher():
+    s = DemoSettings(flow_steps=9000, flow_time_limit=300.0)
+    assert _flow_steps({"steps": 9000}, s) == "9000"
+    assert _flow_steps({"steps": 4321}, s) == "4321 (of 9000; time limit 300 s)"
+    assert _flow_steps({}, DemoSettings(flow_steps=50)) == "50"  # a DONE.json written before steps were recorded

@@ -113,3 +113,21 @@ def test_run_writes_metrics_and_tensorboard(tmp_path, capsys):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((out / "config.json").read_text())["train"]["steps"] == 3
     assert Checkpointer(checkpoint_dir(cfg), cfg.checkpoint, read_only=True).all_steps() == [3]
+
+
+def test_time_limit_checkpoints_where_it_stops_and_resume_continues(tmp_path, capsys):
+    ref = run(load_config("tiny", COMMON + MESH_A + [f'train.output_dir="{tmp_path / "ref"}"', "train.steps=3",
+                                                     "checkpoint.every_steps=100"]), console=False)
+    out = tmp_path / "run"
+    common = COMMON + MESH_A + [f'train.output_dir="{out}"', "train.steps=3", "checkpoint.every_steps=100"]
+    # A limit already spent when the first step ends: the loop saves step 1 and stops there.
+    limited = run(load_config("tiny", common + ["train.time_limit_s=1e-6"]), console=True)
+    assert "time limit of 1e-06 s reached at step 1 of 3" in capsys.readouterr().out
+    assert limited.time_limited and limited.end_step == 1 and sorted(limited.losses) == [0]
+    cfg = load_config("tiny", common)
+    assert Checkpointer(checkpoint_dir(cfg), cfg.checkpoint, read_only=True).all_steps() == [1]
+    resumed = run(cfg, console=False)
+    assert resumed.resumed_from == 1 and not resumed.time_limited and resumed.end_step == 3
+    np.testing.assert_allclose([resumed.losses[s] for s in (1, 2)], [ref.losses[s] for s in (1, 2)], rtol=1e-5)
+    with pytest.raises(ValueError, match=r"train.time_limit_s must be >= 0"):
+        run(load_config("tiny", common + ["train.time_limit_s=-1"]), console=False)
