@@ -80,6 +80,7 @@ class DemoSettings:
     # checkpointed, and the demo goes on with that teacher; for a time-boxed machine (use a schedule that
     # does not depend on the step count, e.g. optim.decay_steps, since the run may end early).
     flow_time_limit: float = 0.0
+    flow_decay_steps: int = 0      # cosine length after warmup; 0 = until flow_steps (see flow_time_limit)
     extract_batch: int = 8
     text_seed: int = 0
     devices: int = 0               # devices to train on; 0 = one on CPU (XLA uses every core), all otherwise
@@ -148,6 +149,8 @@ def parse_settings(overrides: list[str], quick: bool) -> tuple[DemoSettings, lis
 
     if s.vae_init not in KERNEL_INITS:
         raise DemoError(f"demo.vae_init must be one of {', '.join(KERNEL_INITS)}, got {s.vae_init!r}")
+    if s.flow_decay_steps < 0:
+        raise DemoError(f"demo.flow_decay_steps must be >= 0 (0 = until demo.flow_steps), got {s.flow_decay_steps}")
     if s.flow_time_limit < 0:
         raise DemoError(f"demo.flow_time_limit must be >= 0 seconds (0 = none), got {s.flow_time_limit}")
     if not 0.0 <= s.two_object_prob <= 1.0:
@@ -559,7 +562,8 @@ def _flow_stage_and_config(ctx: DemoContext, ph: Phase, latents: Phase, cfg):
     fcfg = _phase_config(ctx, stage="flow", steps=s.flow_steps, batch=s.flow_batch, out=ph.dir, base=cfg,
                          time_limit_s=s.flow_time_limit,
                          optim={"lr": s.flow_lr, "warmup_steps": min(s.flow_warmup, s.flow_steps // 2),
-                                "end_lr_ratio": 0.05, "ema_decay": s.flow_ema, "b2": 0.99},
+                                "end_lr_ratio": 0.05, "ema_decay": s.flow_ema, "b2": 0.99,
+                                "decay_steps": s.flow_decay_steps},
                          data={"source": "records", "path": str(records.absolute()), "seed": s.data_seed,
                                "in_memory": _records_fit_in_memory(records)})
     return get_stage("flow", fcfg), fcfg
@@ -578,6 +582,7 @@ def phase_flow(ctx: DemoContext, latents: Phase, cfg) -> tuple[Phase, Any]:
     s = ctx.settings
     key = {"flow_steps": s.flow_steps, "flow_batch": s.flow_batch, "flow_lr": s.flow_lr, "flow_warmup": s.flow_warmup,
            "flow_ema": s.flow_ema, **({"flow_time_limit": s.flow_time_limit} if s.flow_time_limit else {}),
+           **({"flow_decay_steps": s.flow_decay_steps} if s.flow_decay_steps else {}),
            "model.mmdit": dataclasses.asdict(cfg.model.mmdit),
            "pyramid": dataclasses.asdict(cfg.pyramid), "train.pyramid_units": list(cfg.train.pyramid_units),
            "optim": dataclasses.asdict(cfg.optim), "precision": dataclasses.asdict(cfg.precision)}

@@ -102,7 +102,8 @@ def test_settings_are_parsed_and_checked():
     assert parse_settings([], quick=True)[0].vae_steps < DemoSettings().vae_steps
     for bad, msg in (("demo.nope=1", "unknown demo setting"), ("demo.flow_steps=x", "expected int"),
                      ("demo.flow_steps=0", ">= 1"), ("demo.vae_init=xavier", "vae_init must be one of"),
-                     ("demo.vae_zero_init=1", "expected bool"), ("demo.flow_time_limit=-5", "flow_time_limit must be >= 0")):
+                     ("demo.vae_zero_init=1", "expected bool"), ("demo.flow_time_limit=-5", "flow_time_limit must be >= 0"),
+                     ("demo.flow_decay_steps=-1", "flow_decay_steps must be >= 0")):
         with pytest.raises(Exception, match=msg):
             parse_settings([bad], quick=True)
 
