@@ -105,11 +105,12 @@ QUICK = DemoSettings(train_videos=48, eval_videos=4, vae_steps=2, vae_batch=4, v
 #: three training layouts, like the official 8x VAE's three latents). The MMDiT is twice the tiny preset's
 #: width (8 heads: 128 channels for a 2x2x16 = 64-value token; at 64 channels its finest-stage loss stayed above
 #: a per-patch linear denoiser's, ``neodragon_jax.eval.flow_baseline``), and its positional table is the finest
-#: 8x8 patch grid, so neighbouring patches sit one sin-cos unit apart instead of a quarter.
+#: 8x8 patch grid, so neighbouring patches sit one sin-cos unit apart instead of a quarter. Its first three
+#: blocks run as one scan (``model.mmdit.scan_blocks``): the flow train step compiles in 42 s instead of 50.
 DEMO_OVERRIDES = ('model.vae.decoder="native"', "model.vae.causal.block_out_channels=[8,16,32,32]",
                   "model.vae.causal.norm_groups=0", "model.vae.causal.spatial_down=[true,true,false,false]",
                   "model.vae.causal.temporal_down=[false,false,false,false]", "pyramid.frames_per_unit=8",
-                  "model.mmdit.num_heads=8", "model.mmdit.pos_embed_max_size=8")
+                  "model.mmdit.num_heads=8", "model.mmdit.pos_embed_max_size=8", "model.mmdit.scan_blocks=true")
 #: Extra overrides of --quick (short compiles): 9-frame clips (the first frame + one 8-frame unit), a 3-block
 #: VAE (8x spatial, no time compression: 8x8 latents), a 1-block MMDiT trained on one pyramid layout.
 QUICK_OVERRIDES = ("video.num_frames=9", "model.vae.causal.block_out_channels=[8,8,8]",

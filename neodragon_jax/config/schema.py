@@ -154,6 +154,10 @@ class MMDiTConfig:
     teacher_block_indices: tuple[int, ...] = ()
     # Rematerialisation policy name for each block ("none", "full", "dots", "dots_no_batch").
     remat: str = "none"
+    # Run the identical blocks (all but the context_pre_only last) as one lax.scan over their stacked
+    # weights: XLA compiles one block body instead of num_layers - 1 (the parameters keep their per-block
+    # layout and checkpoint keys; the stack is built inside the step). Same numbers as the unrolled loop.
+    scan_blocks: bool = False
 
     @property
     def hidden_size(self) -> int:

@@ -380,6 +380,26 @@ class PyramidMMDiT(nnx.Module):
             return _call_block(block, x, c, temb, rope_cos, rope_sin, bias)
         return nnx.remat(_call_block, policy=REMAT_POLICIES[name])(block, x, c, temb, rope_cos, rope_sin, bias)
 
+    def scan_blocks(self, n: int, x, c, temb, rope_cos, rope_sin, bias):
+        """Blocks ``0..n-1`` (none context_pre_only) as one ``lax.scan`` over their stacked weights, each step
+        with the configured remat policy; returns ``(x, c)`` after block ``n - 1``."""
+        blocks = [self.transformer_blocks[i] for i in range(n)]
+        if any(b.context_pre_only for b in blocks):
+            raise ValueError("scan_blocks: only blocks before the context_pre_only last block can be scanned")
+        # teacher_index is static metadata (it differs per block and changes no computation), so every
+        # block runs through the first one's graph.
+        graphdef = nnx.graphdef(blocks[0])
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(b) for b in blocks])
+
+        def body(carry, state):
+            block = nnx.merge(graphdef, state)
+            return block(*carry, temb, rope_cos, rope_sin, bias), None
+
+        if self.cfg.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat])
+        (x, c), _ = jax.lax.scan(body, (x, c), stacked)
+        return x, c
+
     def final_layer(self, x: jax.Array, temb: jax.Array, layout: SequenceLayout) -> jax.Array:
         """AdaLN-continuous + ``proj_out`` on the current clip's tokens, unpatchified to ``[B, C, F, H, W]``."""
         cfg = self.cfg
@@ -431,7 +451,11 @@ class PyramidMMDiT(nnx.Module):
         bias = joint_attention_bias(text_mask, ids, pos)
 
         taps = []
-        for i in range(len(self.transformer_blocks)):
+        first = 0
+        if cfg.scan_blocks and not return_taps and len(self.transformer_blocks) > 2:
+            first = len(self.transformer_blocks) - 1
+            x, c = self.scan_blocks(first, x, c, temb, rope_cos, rope_sin, bias)
+        for i in range(first, len(self.transformer_blocks)):
             x_new, c_new = self.run_block(i, x, c, temb, rope_cos, rope_sin, bias)
             if return_taps:
                 taps.append({"img_in": x, "txt_in": c, "img_out": x_new, "txt_out": c_new})

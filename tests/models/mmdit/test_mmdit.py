@@ -358,3 +358,33 @@ def test_bfloat16_compute_tracks_float32():
     a, b = np.asarray(run(m32, *args)), np.asarray(run(m16, *args))
     assert b.dtype == np.float32  # the velocity comes back in float32 for the Euler update
     assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.03  # bf16 weights + matmuls, fp32 norms / softmax
+
+
+# ---- scanned blocks -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("remat", ["none", "dots"])
+def test_scanned_blocks_match_the_unrolled_loop(remat):
+    # a pruned-style model: teacher indices differ per block (static metadata the scan must ignore)
+    base = dataclasses.replace(CFG, num_layers=4, teacher_block_indices=(0, 2, 5, 7), remat=remat)
+    args = inputs(np.random.default_rng(5), frames=[1, 2, 2])
+    grads, outs = {}, {}
+    for scan in (False, True):
+        graphdef, state = nnx.split(make_model(dataclasses.replace(base, scan_blocks=scan), seed=4))
+
+        def loss(state, graphdef=graphdef):
+            return jnp.sum(nnx.merge(graphdef, state)(*args) ** 2)
+
+        jaxpr = str(jax.make_jaxpr(loss)(state))
+        assert ("scan[" in jaxpr) == scan
+        outs[scan] = np.asarray(jax.jit(lambda s, g=graphdef: nnx.merge(g, s)(*args))(state))
+        grads[scan] = jax.jit(jax.grad(loss))(state)
+    assert np.abs(outs[False]).max() > 0.1
+    np.testing.assert_allclose(outs[True], outs[False], rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads[True]), jax.tree.leaves(grads[False])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+    # taps need every block's input and output: that call runs the blocks unrolled, with the same result
+    model = make_model(dataclasses.replace(base, scan_blocks=True), seed=4)
+    out, taps = run(model, *args, return_taps=True)
+    assert len(taps) == 4
+    np.testing.assert_allclose(np.asarray(out), outs[False], rtol=1e-5, atol=1e-5)
