@@ -59,6 +59,7 @@ from neodragon_jax.convert.io import (
     write_safetensors,
 )
 from neodragon_jax.convert.keymap import KeyMap
+from neodragon_jax.fsutil import chmod_like_open
 
 # Folder names of the official layout.
 TRANSFORMER_FOLDER = "diffusion_transformer_320p"
@@ -401,6 +402,7 @@ def _write_json(obj: Mapping, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        chmod_like_open(tmp)  # mkstemp makes 0600
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
             f.write("\n")
@@ -481,6 +483,7 @@ def jax_to_official_folder(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.staging-"))
     try:
+        chmod_like_open(staging, directory=True)  # mkdtemp makes 0700: the folder is renamed into place
         from export.mirror.text import hf_clip_config, hf_t5_config
 
         text = comps.text

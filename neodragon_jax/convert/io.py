@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from neodragon_jax.convert.keymap import KeyMap
+from neodragon_jax.fsutil import chmod_like_open
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -121,6 +122,7 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike
     os.close(fd)
     try:
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
+        chmod_like_open(tmp)  # mkstemp (and save_file) leave 0600: others could not read the checkpoint
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

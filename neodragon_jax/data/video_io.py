@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from neodragon_jax.fsutil import chmod_like_open
+
 
 class VideoWriteError(OSError):
     """The output path cannot be written (missing permission, not a folder, ...)."""
@@ -52,6 +54,7 @@ def check_writable(path: str | os.PathLike) -> Path:
 def _atomic(path: Path):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
+    chmod_like_open(tmp)  # mkstemp makes 0600; the renamed file gets what open() would give it
     try:
         yield tmp
         os.replace(tmp, path)

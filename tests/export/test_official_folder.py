@@ -200,6 +200,24 @@ def test_existing_folder_is_kept_unless_overwrite(pipelines, tmp_path):
     assert sorted(f.name for f in tmp_path.iterdir()) == ["model"]
 
 
+def test_exported_folder_is_readable_by_others(pipelines, tmp_path):
+    """mkdtemp stages the folder as 0700 and mkstemp its files as 0600; under umask 022 the result must be
+    what mkdir / open give: 0755 folders and 0644 files (issue 23 item 2)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = jax_to_official_folder(pipelines["neodragon"], tmp_path / "model")
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
+    assert modes["model"] == 0o755
+    assert {k: oct(m) for k, m in modes.items() if m not in (0o755, 0o644)} == {}
+    assert modes["model/causal_video_vae/config.json"] == 0o644
+    assert modes["model/causal_video_vae/diffusion_pytorch_model.safetensors"] == 0o644
+
+
 def test_failed_write_leaves_nothing(pipelines, tmp_path, monkeypatch):
     p = pipelines["neodragon"]
     calls = []
