@@ -60,6 +60,12 @@ from neodragon_jax.convert.io import (
 )
 from neodragon_jax.convert.keymap import KeyMap
 from neodragon_jax.fsutil import chmod_like_open
+from neodragon_jax.pipelines.official import (  # noqa: F401 - re-exported: the reader lives beside the loader
+    OURS,
+    _from_plain,
+    _read_json,
+    config_from_official_folder,
+)
 
 # Folder names of the official layout.
 TRANSFORMER_FOLDER = "diffusion_transformer_320p"
@@ -82,8 +88,6 @@ OFFICIAL_DTYPES = {
     "text_encoder_3": "float16",
 }
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
-# Our exact component config, stored beside the official fields of every config.json we write.
-OURS = "_neodragon_jax"
 
 
 # ---- per-component maps and mirrors -------------------------------------------------------------------------
@@ -378,22 +382,6 @@ def _hf_json(hf_cfg, architecture: str, ours) -> dict:
     return out
 
 
-def _from_plain(cls, tree: Mapping) -> Any:
-    """Rebuild a (nested) config dataclass from ``dataclasses.asdict`` output (lists back to tuples)."""
-    defaults = cls()
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in tree:
-            continue
-        value, current = tree[f.name], getattr(defaults, f.name)
-        if dataclasses.is_dataclass(current):
-            value = _from_plain(type(current), value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[f.name] = value
-    return cls(**kwargs)
-
-
 # ---- writing the official folder ------------------------------------------------------------------------------
 
 
@@ -527,102 +515,14 @@ def jax_to_official_folder(
 # ---- reading it back --------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def config_from_official_folder(folder: str | os.PathLike, base: Config, *, transformer: str | None = None) -> Config:
-    """``base`` with ``model.text`` / ``model.mmdit`` / ``model.vae`` taken from the folder's ``config.json`` files.
-
-    Our own folders carry the exact component configs; for the official release the architecture fields are
-    mapped (MMDiT widths and depth, VAE widths, CLIP / T5 sizes); what a file does not say stays as in ``base``.
-    """
-    from neodragon_jax.pipelines.official import TRANSFORMER_FOLDERS
-
-    folder = Path(folder)
-    model = base.model
-    text = model.text
-
-    def ours_or(path: Path, cls, official: Callable[[dict], Any], current):
-        cfg = _read_json(path / "config.json")
-        if cfg is None:
-            return current
-        return _from_plain(cls, cfg[OURS]) if OURS in cfg else official(cfg)
-
-    def clip_official(cur: CLIPTextConfig):
-        return lambda j: dataclasses.replace(
-            cur, vocab_size=j["vocab_size"], hidden_size=j["hidden_size"], intermediate_size=j["intermediate_size"],
-            num_layers=j["num_hidden_layers"], num_heads=j["num_attention_heads"],
-            max_position_embeddings=j["max_position_embeddings"], projection_dim=j["projection_dim"],
-            hidden_act=j.get("hidden_act", cur.hidden_act), layer_norm_eps=j.get("layer_norm_eps", cur.layer_norm_eps),
-            eos_token_id=j.get("eos_token_id", cur.eos_token_id), pad_token_id=j.get("pad_token_id", cur.pad_token_id),
-        )
-
-    def t5_official(cur: T5Config):
-        return lambda j: dataclasses.replace(
-            cur, vocab_size=j["vocab_size"], d_model=j["d_model"], num_layers=j["num_layers"], num_heads=j["num_heads"],
-            d_kv=j["d_kv"], d_ff=j["d_ff"], layer_norm_epsilon=j.get("layer_norm_epsilon", cur.layer_norm_epsilon),
-        )
-
-    clip_l = ours_or(folder / TEXT_FOLDERS["clip_l"], CLIPTextConfig, clip_official(text.clip_l), text.clip_l)
-    clip_g = ours_or(folder / TEXT_FOLDERS["clip_g"], CLIPTextConfig, clip_official(text.clip_g), text.clip_g)
-    text = dataclasses.replace(text, clip_l=clip_l, clip_g=clip_g)
-    if text.kind == "teacher":
-        t5 = ours_or(folder / TEXT_FOLDERS["t5"], T5Config, t5_official(text.t5), text.t5)
-        text = dataclasses.replace(text, t5=t5)
-    else:
-        dt5 = ours_or(
-            folder / TEXT_FOLDERS["distil_t5"], DistilT5Config,
-            lambda j: dataclasses.replace(text.distil_t5, body=t5_official(text.distil_t5.body)(j["encoder"]),
-                                          projection_dim=j["projection_dim"]) if "encoder" in j else text.distil_t5,
-            text.distil_t5,
-        )
-        ca = ours_or(folder / CONTEXT_ADAPTER_FOLDER, ContextAdapterConfig, lambda j: text.context_adapter,
-                     text.context_adapter)
-        text = dataclasses.replace(text, distil_t5=dt5, context_adapter=ca)
-
-    names = (transformer,) if transformer else TRANSFORMER_FOLDERS[text.kind]
-    mmdit = model.mmdit
-    for n in names:
-        if (folder / n).is_dir():
-            mmdit = ours_or(
-                folder / n, MMDiTConfig,
-                lambda j: dataclasses.replace(
-                    model.mmdit, num_layers=j["num_layers"], num_heads=j["num_attention_heads"],
-                    head_dim=j["attention_head_dim"], patch_size=j["patch_size"], in_channels=j["in_channels"],
-                    pooled_dim=j["pooled_projection_dim"], pos_embed_max_size=j["pos_embed_max_size"],
-                    sample_size=j["sample_size"], max_num_frames=j.get("max_num_frames", model.mmdit.max_num_frames),
-                    context_in_dim=(
-                        j["joint_attention_dim"] if j.get("use_context_embedder", text.kind == "teacher") else None
-                    ),
-                ),
-                model.mmdit,
-            )
-            break
-
-    vae = model.vae
-    vjson = _read_json(folder / VAE_FOLDER / "config.json")
-    if vjson is not None and OURS in vjson:
-        vae = dataclasses.replace(_from_plain(VAEConfig, vjson[OURS]["vae"]), decoder=vjson[OURS]["decoder"])
-    elif vjson is not None:
-        ch = tuple(vjson["encoder_block_out_channels"])
-        causal = dataclasses.replace(
-            vae.causal, latent_channels=vjson["encoder_out_channels"], block_out_channels=ch,
-            encoder_layers_per_block=int(np.max(vjson["encoder_layers_per_block"])),
-            decoder_layers_per_block=int(np.max(vjson["decoder_layers_per_block"])),
-            spatial_down=tuple(vjson["encoder_spatial_down_sample"]),
-            temporal_down=tuple(vjson["encoder_temporal_down_sample"]), norm_groups=vjson["encoder_norm_num_groups"],
-        )
-        vae = dataclasses.replace(vae, causal=causal)
-    return dataclasses.replace(base, model=dataclasses.replace(model, text=text, mmdit=mmdit, vae=vae))
-
-
 def official_folder_to_jax(folder: str | os.PathLike, cfg: Config, *, transformer: str | None = None,
                            read_configs: bool = True):
     """Load an official-layout folder into a JAX :class:`TextToVideoPipeline` (strict key maps).
 
     ``read_configs``: take the architecture from the folder's ``config.json`` files
-    (:func:`config_from_official_folder`) rather than from ``cfg`` alone.
+    (:func:`config_from_official_folder`) whatever ``cfg`` says; without it a ``cfg`` that contradicts them is
+    refused (:class:`~neodragon_jax.pipelines.official.OfficialConfigMismatch`), as ``neodragon generate
+    --checkpoint`` does.
     """
     from neodragon_jax.pipelines.text_to_video import TextToVideoPipeline
 

@@ -88,7 +88,20 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     if args.checkpoint:
-        pipe = TextToVideoPipeline.from_official(args.checkpoint, cfg, transformer=args.transformer)
+        from neodragon_jax.config import ConfigError
+        from neodragon_jax.convert.io import CheckpointNotFoundError, CheckpointReadError
+        from neodragon_jax.convert.keymap import CheckpointMismatchError
+
+        try:
+            pipe = TextToVideoPipeline.from_official(args.checkpoint, cfg, transformer=args.transformer)
+        except (CheckpointNotFoundError, CheckpointReadError, ConfigError) as e:
+            # a missing / incomplete / damaged folder, or a preset that contradicts its config.json
+            print(f"neodragon generate: {e}", file=sys.stderr)
+            return 2
+        except CheckpointMismatchError as e:
+            print(f"neodragon generate: --checkpoint {args.checkpoint!r} does not fit config {cfg.name!r}: {e}",
+                  file=sys.stderr)
+            return 2
     else:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
         pipe = TextToVideoPipeline.random(cfg, seed=args.seed)

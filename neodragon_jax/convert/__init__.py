@@ -2,6 +2,7 @@
 
 from neodragon_jax.convert.io import (
     CheckpointNotFoundError,
+    CheckpointReadError,
     assign_params,
     export_state_dict,
     load_state_dict,
@@ -14,7 +15,7 @@ from neodragon_jax.convert.io import (
 from neodragon_jax.convert.keymap import CheckpointMismatchError, Entry, KeyMap
 
 __all__ = [
-    "CheckpointMismatchError", "CheckpointNotFoundError", "Entry", "KeyMap", "assign_params",
+    "CheckpointMismatchError", "CheckpointNotFoundError", "CheckpointReadError", "Entry", "KeyMap", "assign_params",
     "export_state_dict", "load_state_dict", "param_arrays", "param_count", "param_shapes",
     "read_safetensors", "write_safetensors",
 ]

@@ -25,6 +25,10 @@ class CheckpointNotFoundError(FileNotFoundError):
     """A checkpoint file or folder is missing; the message names the path and the expected layout."""
 
 
+class CheckpointReadError(ValueError):
+    """A checkpoint file exists but cannot be read (truncated, corrupted, not safetensors); names the file."""
+
+
 def path_str(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
@@ -88,7 +92,16 @@ def _safetensor_files(path: Path) -> list[Path]:
     for name in INDEX_NAMES:
         idx = path / name
         if idx.is_file():
-            shards = sorted(set(json.loads(idx.read_text())["weight_map"].values()))
+            try:
+                shards = sorted(set(json.loads(idx.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                raise CheckpointReadError(
+                    f"{idx}: not a valid sharded-checkpoint index ({type(err).__name__}: {err}); expected JSON with "
+                    f'a "weight_map" of tensor name -> shard file. It may be truncated: download it again'
+                ) from None
+            missing = [s for s in shards if not (path / s).is_file()]
+            if missing:
+                raise CheckpointNotFoundError(f"{idx} names shard files that are missing: {missing}")
             return [path / s for s in shards]
     for name in SAFETENSORS_NAMES:
         if (path / name).is_file():
@@ -102,13 +115,64 @@ def _safetensor_files(path: Path) -> list[Path]:
     )
 
 
+def safetensors_files(path: str | os.PathLike) -> list[Path]:
+    """The file(s) a safetensors checkpoint path stands for (a file, or a folder: plain or sharded)."""
+    return _safetensor_files(Path(path))
+
+
+def check_safetensors_file(path: str | os.PathLike) -> None:
+    """Cheap integrity check of one safetensors file: header readable and the file as long as it says.
+
+    Reads only the header (a few kB), so a truncated or corrupted download is named before minutes of
+    loading the other components. Raises :class:`CheckpointReadError` naming the file.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+
+    def bad(why: str) -> CheckpointReadError:
+        return CheckpointReadError(
+            f"{path}: not a readable safetensors file ({why}); it is probably truncated or corrupted: download "
+            f"or export it again"
+        )
+
+    if size < 8:
+        raise bad(f"{size} bytes, shorter than the 8-byte header length")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > size - 8 or n > 100 * 2**20:
+            raise bad(f"header length {n} does not fit the file's {size} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise bad(f"header is not valid JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise bad("header entries lack data_offsets") from None
+    if 8 + n + end != size:
+        raise bad(f"the header describes {8 + n + end} bytes, the file has {size}")
+
+
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file or folder as numpy (bf16 via ml_dtypes)."""
+    """All tensors of a safetensors file or folder as numpy (bf16 via ml_dtypes).
+
+    A missing file raises :class:`CheckpointNotFoundError`, an unreadable one :class:`CheckpointReadError`;
+    both name the file.
+    """
     from safetensors.numpy import load_file
 
     out: dict[str, np.ndarray] = {}
     for f in _safetensor_files(Path(path)):
-        out.update(load_file(str(f)))
+        check_safetensors_file(f)
+        try:
+            out.update(load_file(str(f)))
+        except Exception as err:  # noqa: BLE001 - SafetensorError and friends carry no file name
+            raise CheckpointReadError(
+                f"{f}: cannot read this safetensors file ({type(err).__name__}: {err}); it is probably truncated "
+                f"or corrupted: download or export it again"
+            ) from None
     return out
 
 

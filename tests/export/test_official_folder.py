@@ -37,11 +37,11 @@ from export.mirror.text import ContextAdapter, DistilT5  # noqa: E402
 from neodragon_jax.config import load_config  # noqa: E402
 from neodragon_jax.config.schema import ContextAdapterConfig, DistilT5Config  # noqa: E402
 from neodragon_jax.convert.io import param_arrays, read_safetensors  # noqa: E402
-from neodragon_jax.convert.keymap import CheckpointMismatchError  # noqa: E402
 from neodragon_jax.models.mmdit import PyramidMMDiT  # noqa: E402
 from neodragon_jax.models.text.conditioner import TextConditioner  # noqa: E402
 from neodragon_jax.models.text.tokenizers import TextTokenizers  # noqa: E402
 from neodragon_jax.models.vae import CausalVideoVAE  # noqa: E402
+from neodragon_jax.pipelines.official import OfficialConfigMismatch  # noqa: E402
 from neodragon_jax.pipelines.text_to_video import GenerationRequest, TextToVideoPipeline  # noqa: E402
 from neodragon_jax.pyramid.sampler import sampling_keys, sampling_noise  # noqa: E402
 from neodragon_jax.pyramid.scheduler import block_noise, make_schedule  # noqa: E402
@@ -159,9 +159,11 @@ def test_folder_config_overrides_a_mismatched_base(pipelines, tmp_path):
     )
     cfg = config_from_official_folder(out, wrong)
     assert cfg.model == p.cfg.model
-    # without reading the configs, the strict key maps refuse the folder (widths differ)
-    with pytest.raises(CheckpointMismatchError, match="does not match the model"):
+    # without reading the configs first, the loader refuses the contradiction and names every field
+    with pytest.raises(OfficialConfigMismatch) as e:
         official_folder_to_jax(out, wrong, read_configs=False)
+    assert [f[0] for f in e.value.fields] == ["model.mmdit.head_dim", "model.mmdit.num_layers", "model.vae.decoder"]
+    assert "model.mmdit.num_layers is 7 in the config, 4 in diffusion_transformer_320p/config.json" in str(e.value)
 
 
 def test_folder_loads_into_the_mirrors(pipelines, tmp_path):
