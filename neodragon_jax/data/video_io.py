@@ -47,6 +47,14 @@ def check_writable(path: str | os.PathLike) -> Path:
         raise VideoWriteError(f"output path {str(path)!r} is a folder; give a file name such as video.mp4")
     if not os.access(parent, os.W_OK):
         raise VideoWriteError(f"output folder {str(parent)!r} is not writable")
+    # os.access trusts the permission bits (and says yes to root everywhere): /proc, a read-only mount or a
+    # full disk pass it, so create (and remove) a file the way the writers will.
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".probe")
+    except OSError as e:
+        raise VideoWriteError(f"cannot write files in the output folder {str(parent)!r}: {e.strerror or e}") from e
+    os.close(fd)
+    os.unlink(probe)
     return path
 
 

@@ -75,6 +75,25 @@ def parse_cfg_scales(text: str | float | None, default: tuple[float, float]) -> 
     return values[0], values[-1]
 
 
+def latent_shape(cfg: Config, num_frames: int) -> tuple[int, int, int]:
+    """(latent frames, latent height, latent width) of a ``num_frames`` video under ``cfg``; raises
+    :class:`ScheduleError` for a frame count or resolution the VAE and pyramid cannot take. Needs no model,
+    so callers check a request before building one."""
+    c = cfg.model.vae.causal
+    h, w = cfg.video.height, cfg.video.width
+    f = c.spatial_factor
+    if h % (f * 2 ** cfg.pyramid.num_stages) or w % (f * 2 ** cfg.pyramid.num_stages):
+        raise ScheduleError(
+            f"video {h}x{w} must be a multiple of {f * 2 ** cfg.pyramid.num_stages} (VAE factor {f} x "
+            f"2^{cfg.pyramid.num_stages} pyramid stages x patch) in both dimensions"
+        )
+    try:
+        t = latent_frames(num_frames, c.temporal_factor)
+    except ValueError as e:
+        raise ScheduleError(str(e)) from None
+    return t, h // f, w // f
+
+
 @dataclass
 class GenerationRequest:
     prompt: str
@@ -160,19 +179,7 @@ class TextToVideoPipeline:
         return self._jit("decode", lambda m, x: m.decode(x), self.vae)(z)
 
     def latent_shape(self, num_frames: int) -> tuple[int, int, int]:
-        c = self.cfg.model.vae.causal
-        h, w = self.cfg.video.height, self.cfg.video.width
-        f = c.spatial_factor
-        if h % (f * 2 ** self.cfg.pyramid.num_stages) or w % (f * 2 ** self.cfg.pyramid.num_stages):
-            raise ScheduleError(
-                f"video {h}x{w} must be a multiple of {f * 2 ** self.cfg.pyramid.num_stages} (VAE factor {f} x "
-                f"2^{self.cfg.pyramid.num_stages} pyramid stages x patch) in both dimensions"
-            )
-        try:
-            t = latent_frames(num_frames, c.temporal_factor)
-        except ValueError as e:
-            raise ScheduleError(str(e)) from None
-        return t, h // f, w // f
+        return latent_shape(self.cfg, num_frames)
 
     # ---------------------------------------------------------------------------------- generate
     def generate(
@@ -184,7 +191,7 @@ class TextToVideoPipeline:
     ) -> GeneratedVideo:
         cfg = self.cfg
         s = cfg.sampling
-        num_frames = request.num_frames or cfg.video.num_frames
+        num_frames = cfg.video.num_frames if request.num_frames is None else request.num_frames  # 0 is refused
         t_lat, h_lat, w_lat = self.latent_shape(num_frames)
         first = request.first_unit_steps or s.first_unit_steps
         later = request.later_unit_steps or s.later_unit_steps
