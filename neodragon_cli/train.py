@@ -104,6 +104,7 @@ def _train_config(args):
 def run_train(args) -> int:
     from neodragon_jax.config import ConfigError
     from neodragon_jax.convert.keymap import CheckpointMismatchError
+    from neodragon_jax.data.video_folder import DatasetError, DatasetNotFoundError
     from neodragon_jax.sharding import MeshError
 
     try:
@@ -114,10 +115,23 @@ def run_train(args) -> int:
         return _train(cfg, args.resume, cache, args.stop_after)
     except CLIError as e:
         return _err("train", str(e))
+    except (DatasetError, DatasetNotFoundError) as e:  # e.g. captions.jsonl line 7 is not JSON
+        return _err("train", f"data.path: {e}")
     except (ConfigError, MeshError) as e:
         return _err("train", f"config error: {e}")
     except CheckpointMismatchError as e:
         return _err("train", f"the checkpoint does not fit this config: {e}")
+
+
+def data_description(stage, cfg) -> str:
+    """What a run trains on, as the banner says it: the stage's own words where it reads data itself (the
+    vae stage reads a video folder while data.source stays 'synthetic'), else records or synthetic."""
+    describe = getattr(stage, "data_description", None)
+    if callable(describe):
+        return describe(cfg)
+    if cfg.data.source == "records":
+        return f"records {cfg.data.path}"
+    return cfg.data.source
 
 
 def _train(cfg, resume: bool, cache: str | None, stop_after: int | None = None) -> int:
@@ -155,7 +169,7 @@ def _train(cfg, resume: bool, cache: str | None, stop_after: int | None = None) 
     mesh = " x ".join(f"{k}={v}" for k, v in cfg.mesh.shape().items())
     print(f"neodragon train {cfg.train.stage}: config {cfg.name!r}, {cfg.train.steps} steps, global batch "
           f"{cfg.train.global_batch}, {jax.device_count()} {jax.devices()[0].platform} device(s), mesh {mesh} "
-          f"({cfg.mesh.rules}), data {cfg.data.source}", flush=True)
+          f"({cfg.mesh.rules}), data {data_description(stage, cfg)}", flush=True)
     print(f"  workdir {cfg.train.output_dir} (config.json, metrics.jsonl, checkpoints/)"
           + (f"; compile cache {cache}" if cache else ""), flush=True)
     if resume and latest is None:

@@ -171,7 +171,9 @@ class ClipCache:
         self.meta = json.loads(meta_path.read_text())
         self.clips = np.load(self.path, mmap_mode="r")[: self.meta["count"]]
         if len(self.clips) == 0:
-            raise ValueError(f"no readable clip in {self.root} ({self.meta['stats']})")
+            from neodragon_jax.data.video_folder import DatasetError
+
+            raise DatasetError(f"no readable clip in {self.root} ({self.meta['stats']})")
 
     def _decode(self, folder, meta_path: Path, progress: bool) -> None:
         from tqdm.auto import tqdm
@@ -357,6 +359,10 @@ class VAEStage:
 
     def num_examples(self, cfg: Config) -> int:
         return len(self.clips(cfg)) * self.crops_per_clip
+
+    def data_description(self, cfg: Config) -> str:
+        """What the run trains on, for the banner (data.source stays 'synthetic' for a video folder)."""
+        return f"video folder {cfg.data.path}" if cfg.data.path else "rendered synthetic clips"
 
     def make_example(self, cfg: Config, index: int) -> dict[str, np.ndarray]:
         clips = self.clips(cfg)

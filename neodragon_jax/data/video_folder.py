@@ -31,6 +31,15 @@ log = logging.getLogger(__name__)
 CAPTIONS_FILE = "captions.jsonl"
 
 
+class DatasetError(ValueError):
+    """A dataset folder that cannot be used: malformed ``captions.jsonl`` (file and line named), no entries,
+    no readable clip. A user error: the CLI prints it as one line."""
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset folder, its ``captions.jsonl`` or every listed video is missing."""
+
+
 class VideoReadError(Exception):
     """A video file that cannot be decoded, or is too short for the requested clip."""
 
@@ -55,9 +64,9 @@ def read_captions(root: str | os.PathLike) -> list[CaptionEntry]:
     root = Path(root)
     path = root / CAPTIONS_FILE
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder {str(root)!r} does not exist")
+        raise DatasetNotFoundError(f"dataset folder {str(root)!r} does not exist")
     if not path.is_file():
-        raise FileNotFoundError(
+        raise DatasetNotFoundError(
             f"no {CAPTIONS_FILE} in {str(root)!r}: a dataset folder needs {path} with one JSON object per line, "
             '{"video": "relative/path.mp4", "text": "the caption"}'
         )
@@ -68,16 +77,16 @@ def read_captions(root: str | os.PathLike) -> list[CaptionEntry]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected "
+            raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected "
                              '{"video": "relative/path.mp4", "text": "the caption"}') from None
         if not isinstance(row, dict) or not isinstance(row.get("video"), str) or not isinstance(row.get("text"), str):
-            raise ValueError(f'{path}:{lineno}: expected an object with string fields "video" and "text", '
+            raise DatasetError(f'{path}:{lineno}: expected an object with string fields "video" and "text", '
                              f"got {line.strip()[:120]!r}")
         video = Path(row["video"])
         entries.append(CaptionEntry(len(entries), lineno, row["video"], video if video.is_absolute() else root / video,
                                     row["text"]))
     if not entries:
-        raise ValueError(f"{path} has no entries")
+        raise DatasetError(f"{path} has no entries")
     return entries
 
 
@@ -215,7 +224,7 @@ class VideoFolder:
                 log.warning("%s line %d: video %s does not exist; entry left out", self.root / CAPTIONS_FILE,
                             e.line, e.path)
         if not self.entries:
-            raise FileNotFoundError(f"none of the videos listed in {self.root / CAPTIONS_FILE} exist")
+            raise DatasetNotFoundError(f"none of the videos listed in {self.root / CAPTIONS_FILE} exist")
 
     @classmethod
     def from_config(cls, root: str | os.PathLike, cfg, **kw) -> "VideoFolder":
@@ -255,5 +264,5 @@ class VideoFolder:
 
 __all__ = [
     "CAPTIONS_FILE", "CaptionEntry", "ReadStats", "VideoFolder", "VideoReadError",
-    "decode_clip", "read_captions", "to_model_input",
+    "DatasetError", "DatasetNotFoundError", "decode_clip", "read_captions", "to_model_input",
 ]

@@ -68,3 +68,23 @@ def test_train_error_messages(tmp_path, capsys):
 
     assert main(["train", "flow", "--set", "train.nosuch=1", "--compile-cache", "none"]) == 2
     assert "config error" in capsys.readouterr().err
+
+
+def test_bad_captions_file_is_one_line_and_banner_names_the_folder(tmp_path, capsys):
+    """A malformed captions.jsonl line was a good message inside a traceback, and the banner of a video-folder
+    run said `data synthetic` (issue 23 item 5)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "captions.jsonl").write_text('{"video": "a.mp4", "text": "a red circle"}\n{bad json\n')
+    rc = main(["train", "vae", "--config", "tiny", "--set", f"data.path={data}", "--steps", "1",
+               "--workdir", str(tmp_path / "run"), "--compile-cache", "none", "--set", "train.tensorboard=false"])
+    out, err = capsys.readouterr()
+    assert rc == 2, err[-2000:]
+    assert f"neodragon train: data.path: {data / 'captions.jsonl'}:2: not valid JSON" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"data video folder {data}" in out and "data synthetic" not in out
+
+    (data / "captions.jsonl").unlink()
+    assert main(["train", "vae", "--config", "tiny", "--set", f"data.path={data}", "--steps", "1",
+                 "--workdir", str(tmp_path / "run2"), "--compile-cache", "none"]) == 2
+    assert "no captions.jsonl in" in capsys.readouterr().err
