@@ -291,9 +291,9 @@ def submit(requests: list[JobRequest], out_dir: str | os.PathLike, components: M
 
 
 def device_table(results: list[ArtifactResult], device: str) -> str:
-    """Markdown latency / memory table of the AI Hub results."""
+    """Markdown latency / memory table of the AI Hub results (error relative, as the device tolerances)."""
     lines = [f"## Qualcomm AI Hub: {device}", "",
-             "| component | precision | status | context binary | latency (ms) | peak memory | max err |",
+             "| component | precision | status | context binary | latency (ms) | peak memory | rel err |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
         mem = r.extra.get("peak_memory_bytes")
@@ -302,7 +302,7 @@ def device_table(results: list[ArtifactResult], device: str) -> str:
             f"{'—' if r.size_bytes is None else f'{r.size_bytes / 1024:.0f} KB'} | "
             f"{'—' if r.latency_ms is None else f'{r.latency_ms:.2f}'} | "
             f"{'—' if mem is None else f'{mem / 2**20:.1f} MB'} | "
-            f"{'—' if r.max_abs_error is None else f'{r.max_abs_error:.1e}'} |")
+            f"{'—' if r.max_relative_error is None else f'{r.max_relative_error:.1e}'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -26,6 +26,8 @@ import numpy as np
 # max abs error / max(1, max |reference|), per precision of the artifact's weights
 TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "int8": 1e-1, "int8dyn": 2e-1}
 PSNR_PEAK = 2.0  # decoded frames live in [-1, 1]
+# A quantised file larger than this fraction of its fp32 file is marked (its weights mostly stayed float32).
+NOT_SMALLER = 0.8
 
 
 @dataclasses.dataclass
@@ -161,11 +163,12 @@ def _kb(n: int | None) -> str:
 
 
 def _err(r: ArtifactResult | None) -> str:
+    """The artifact's error as its tolerance is defined: max abs error / max(1, max |mirror output|)."""
     if r is None:
         return "—"
     if r.status == "not_converted":
         return "not converted"
-    e = r.max_abs_error
+    e = r.max_relative_error
     text = "—" if e is None else f"{e:.1e}"
     psnr = [v.psnr_db for v in r.errors.values() if v.psnr_db is not None]
     if psnr:
@@ -185,20 +188,32 @@ def markdown_report(results: list[ArtifactResult], components: list[dict], *, ti
     """
     precisions = list(precisions)
     by = {(r.component, r.backend, r.precision): r for r in results}
+    not_smaller: list[str] = []
+
+    def size(name: str, p: str) -> str:
+        """File size; marked when a quantised file is not clearly smaller than the fp32 one."""
+        r, f32 = by.get((name, "tflite", p)), by.get((name, "tflite", "fp32"))
+        n = getattr(r, "size_bytes", None)
+        text = _kb(n)
+        ref = getattr(f32, "size_bytes", None)
+        if p != "fp32" and n and ref and n > NOT_SMALLER * ref:
+            not_smaller.append(f"`{name}` {p}")
+            text += " †"
+        return text
     lines = [f"# {title}", ""]
     lines += [f"- {n}" for n in notes]
     if notes:
         lines.append("")
     head = ["component", "params"]
     head += [f"TFLite {p} size" for p in precisions]
-    head += [f"TFLite {p} max err" for p in precisions]
-    head += ["ONNX max err", "LiteRT fp32 ms", "ORT ms", "PyTorch ms", "JAX ms"]
+    head += [f"TFLite {p} rel err" for p in precisions]
+    head += ["ONNX rel err", "LiteRT fp32 ms", "ORT ms", "PyTorch ms", "JAX ms"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for c in components:
         name = c["name"]
         row = [f"`{name}`", f"{c['params']:,}"]
-        row += [_kb(getattr(by.get((name, "tflite", p)), "size_bytes", None)) for p in precisions]
+        row += [size(name, p) for p in precisions]
         row += [_err(by.get((name, "tflite", p))) for p in precisions]
         onnx = by.get((name, "onnx", "fp32"))
         lite = by.get((name, "tflite", "fp32"))
@@ -230,8 +245,13 @@ def markdown_report(results: list[ArtifactResult], components: list[dict], *, ti
         ops = f" ops: {', '.join(r.failed_ops)}." if r.failed_ops else ""
         lines.append(f"- `{r.component}` {r.backend} {r.precision}: {r.status}.{ops} {r.message}".rstrip())
     tol = ", ".join(f"{p} {t:g}" for p, t in TOLERANCES.items())
-    lines += ["", f"Tolerances (max abs error / max(1, max |mirror output|)): {tol}; ONNX uses fp32's. "
+    lines += ["", f"Errors are relative, as the tolerances: max abs error / max(1, max |mirror output|) over the "
+              f"component's outputs (report.json has the absolute ones). Tolerances: {tol}; ONNX uses fp32's. "
               f"PSNR (decoded frames, peak-to-peak 2) in parentheses. Latencies: CPU, best of N runs (ms)."]
+    if not_smaller:
+        lines += ["", f"† Not smaller than the fp32 file ({', '.join(not_smaller)}): ai-edge-quantizer quantises "
+                      f"FULLY_CONNECTED, CONV_2D, DEPTHWISE_CONV_2D, TRANSPOSE_CONV and EMBEDDING_LOOKUP weights "
+                      f"only, so CONV_3D weights (the VAE encoder's causal 3-D convolutions) stay float32."]
     return "\n".join(lines) + "\n"
 
 
