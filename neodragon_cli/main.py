@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="parameter counts and FLOPs per component, computed without allocating")
     p.add_argument("--config", action="append", default=None,
                    help="preset(s) to plan, repeatable (default: both full-size presets)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted config override, repeatable (e.g. --set model.mmdit.num_layers=20)")
     p.add_argument("--parts", nargs="+", default=["text", "video"], choices=["text", "video"], help="which parts to plan")
     p.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
     p.add_argument("--mesh", default=None, metavar="data=A,fsdp=B,tensor=C",

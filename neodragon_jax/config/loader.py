@@ -8,6 +8,7 @@ literals (``18``, ``1e-4``, ``"bfloat16"``, ``[1, 2, 1]``, ``true``) and fall ba
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import tomllib
 import types
@@ -119,6 +120,35 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported annotation {tp}")
 
 
+def near_keys(key: str, keys: Iterable[str] | None = None, n: int = 5) -> list[str]:
+    """Valid dotted keys that look like ``key``: close as a whole, or with a close last part."""
+    keys = list(valid_keys() if keys is None else keys)
+    whole = difflib.get_close_matches(key, keys, n=n, cutoff=0.75)
+    leaf = key.rsplit(".", 1)[-1]
+    leaves = {}
+    for k in keys:
+        leaves.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+    by_leaf = [k for m in difflib.get_close_matches(leaf, list(leaves), n=n, cutoff=0.8) for k in leaves[m]]
+    # whole-key matches first, then same-leaf keys closest to the given one
+    by_leaf.sort(key=lambda k: -difflib.SequenceMatcher(None, key, k).ratio())
+    return list(dict.fromkeys(whole + by_leaf))[:n]
+
+
+def unknown_key_message(key: str, value: Any, prefix: str, section_keys: list[str]) -> str:
+    """The near matches first, then the keys of the section; never the whole list of leaf keys."""
+    full = key
+    if isinstance(value, Mapping) and value:  # a section that does not exist: suggest for its first leaf
+        node, full = value, key
+        while isinstance(node, Mapping) and node:
+            k = next(iter(node))
+            full, node = f"{full}.{k}", node[k]
+    near = near_keys(full)
+    msg = f"unknown config key {full!r}" + (f". Did you mean {', '.join(near)}?" if near else ".")
+    where = repr(prefix) if prefix else "the root"
+    msg += f" Keys under {where}: {', '.join(prefix + k for k in section_keys)}"
+    return msg + " (every key: neodragon_jax/config/schema.py)"
+
+
 def _apply(obj, updates: Mapping[str, Any], prefix: str = ""):
     """Return ``obj`` with nested ``updates`` applied; unknown keys raise with the valid list."""
     cls = type(obj)
@@ -127,11 +157,7 @@ def _apply(obj, updates: Mapping[str, Any], prefix: str = ""):
     for name, value in updates.items():
         key = f"{prefix}{name}"
         if name not in types_:
-            raise ConfigError(
-                f"unknown config key {key!r}. Valid keys under {prefix or 'the root'!r}: "
-                + ", ".join(f"{prefix}{k}" for k in types_)
-                + f"\n(all leaf keys: {', '.join(valid_keys())})"
-            )
+            raise ConfigError(unknown_key_message(key, updates[name], prefix, list(types_)))
         tp = types_[name]
         current = getattr(obj, name)
         if dataclasses.is_dataclass(tp):

@@ -75,3 +75,15 @@ def test_plan_bad_depth_probe_is_one_clear_line(probe, message, capsys):
     assert main(["plan", "--config", "tiny", "--mesh", "fsdp=8", "--depth-probe", probe]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_every_verb_documents_set(capsys):
+    """`--set` had no help text in `generate` and `plan` (issue 23 item 8)."""
+    from neodragon_cli.main import build_parser
+
+    parser = build_parser()
+    for verb in ("plan", "generate", "train", "export"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([verb, "--help"])
+        out = capsys.readouterr().out
+        assert re.search(r"^\s+--set KEY=VALUE\s+dotted config override, repeatable", out, re.M), (verb, out)

@@ -57,6 +57,22 @@ def test_unknown_key_lists_valid_keys():
     assert "model.mmdit.num_blocks" in msg and "model.mmdit.num_layers" in msg
 
 
+def test_unknown_key_names_near_matches_first_not_every_key():
+    """It printed all ~170 leaf keys (issue 23 item 8): now the near matches, then the section's keys."""
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", ["model.vae.causal.norm_group=8"])
+    msg = str(e.value)
+    assert msg.startswith("unknown config key 'model.vae.causal.norm_group'. Did you mean "
+                          "model.vae.causal.norm_groups")
+    assert "optim.lr" not in msg and "train.steps" not in msg and len(msg) < 800
+    with pytest.raises(ConfigError, match=r"'model.num_layers'. Did you mean model.mmdit.num_layers"):
+        load_config("tiny", ["model.num_layers=3"])
+    with pytest.raises(ConfigError, match=r"'modl.mmdit.num_layers'. Did you mean model.mmdit.num_layers"):
+        load_config("tiny", ["modl.mmdit.num_layers=3"])
+    with pytest.raises(ConfigError, match=r"'nosuch'\. Keys under the root: name, model, "):
+        load_config("tiny", ["nosuch=1"])
+
+
 def test_wrong_types_are_refused():
     with pytest.raises(ConfigError, match="expected an int"):
         load_config("tiny", ["model.mmdit.num_layers=three"])
