@@ -83,7 +83,6 @@ def run(
     example, batch_sh = batch_sharding_tree(setup)
     ckpt = Checkpointer(checkpoint_dir(cfg), cfg.checkpoint)
     data = DataIterator(make_source(stage, cfg), list(example), gb, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
-    writer = MetricsWriter(out_dir, tensorboard=cfg.train.tensorboard)
     profiler = ProfileWindow(out_dir / "profile", cfg.train.profile_start, cfg.train.profile_steps)
     config_json = to_json(cfg)
 
@@ -98,6 +97,7 @@ def run(
         state = setup.init_state()
     frozen = setup.init_frozen()
     start = int(jax.device_get(state["step"]))
+    writer = MetricsWriter(out_dir, tensorboard=cfg.train.tensorboard, start_step=start)
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
 
     abstract_batch = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), example, batch_sh)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -55,16 +56,50 @@ def compiled_flops(compiled) -> float:
     return float((cost or {}).get("flops", 0.0))
 
 
-class MetricsWriter:
-    """Console + TensorBoard + ``metrics.jsonl``; only process 0 writes files."""
+def truncate_jsonl(path: Path, start_step: int) -> int:
+    """Drop the records of ``path`` whose ``step`` is ``>= start_step`` (and any torn last line); returns how
+    many were dropped. A run resumed from the checkpoint of step N replays the steps logged after N by the run
+    that was interrupted: without this, ``metrics.jsonl`` would hold those steps twice."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+            keep = int(rec["step"]) < start_step
+        except (ValueError, KeyError, TypeError):
+            keep = False  # a line torn by a kill
+        if keep:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return dropped
 
-    def __init__(self, output_dir: str | Path, *, tensorboard: bool = True, enabled: bool | None = None):
+
+class MetricsWriter:
+    """Console + TensorBoard + ``metrics.jsonl``; only process 0 writes files.
+
+    ``start_step``: the step this run starts from; records of later steps already in ``metrics.jsonl`` (written
+    by an interrupted run after its last checkpoint, and about to be replayed) are removed first.
+    """
+
+    def __init__(self, output_dir: str | Path, *, tensorboard: bool = True, enabled: bool | None = None,
+                 start_step: int | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.output_dir = Path(output_dir)
         self.tb = None
         self.jsonl = None
         if self.enabled:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            if start_step is not None:
+                dropped = truncate_jsonl(self.output_dir / "metrics.jsonl", start_step)
+                if dropped:
+                    log.info("metrics.jsonl: dropped %d record(s) from step %d on (replayed by this run)",
+                             dropped, start_step)
             self.jsonl = open(self.output_dir / "metrics.jsonl", "a", buffering=1)
             if tensorboard:
                 from tensorboardX import SummaryWriter

@@ -29,7 +29,7 @@ MESH_B = ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", 'mesh.rules="fsdp_tp"']
 
 
 def _losses(out_dir: Path) -> dict[int, float]:
-    """Last logged loss per step (a resumed run re-logs the steps after its checkpoint)."""
+    """Logged loss per step (a resumed run replaces the records of the steps after its checkpoint)."""
     out = {}
     for line in (out_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
@@ -113,6 +113,22 @@ def test_run_writes_metrics_and_tensorboard(tmp_path, capsys):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((out / "config.json").read_text())["train"]["steps"] == 3
     assert Checkpointer(checkpoint_dir(cfg), cfg.checkpoint, read_only=True).all_steps() == [3]
+
+
+def test_resume_logs_every_step_once(tmp_path):
+    """The steps an interrupted run logged after its last checkpoint are replayed by the resume; metrics.jsonl
+    kept both copies (issue 23 item 8). Here the run's checkpoint of step 6 is removed, so it resumes from 4."""
+    out = tmp_path / "run"
+    cfg = load_config("tiny", COMMON + MESH_A + [f'train.output_dir="{out}"', "train.steps=6",
+                                                 "checkpoint.every_steps=4", "train.tensorboard=false"])
+    run(cfg, console=False)
+    shutil.rmtree(checkpoint_dir(cfg) / "6")
+    first = _losses(out)
+    resumed = run(cfg, console=False)
+    assert resumed.resumed_from == 4
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4, 5]
+    np.testing.assert_allclose([_losses(out)[s] for s in (4, 5)], [first[s] for s in (4, 5)], rtol=1e-6)
 
 
 def test_time_limit_checkpoints_where_it_stops_and_resume_continues(tmp_path, capsys):

@@ -40,3 +40,25 @@ def test_profile_window_writes_a_trace(tmp_path):
         prof.after_step(step, sync=x)
     prof.close()
     assert list(tmp_path.rglob("*.xplane.pb"))
+
+
+def test_resumed_writer_drops_the_steps_it_will_replay(tmp_path):
+    """A run killed after logging step 9 but checkpointed at 8 is resumed from 8: steps 8 and 9 must not end up
+    twice in metrics.jsonl (issue 23 item 8)."""
+    import json
+
+    from train.metrics import MetricsWriter
+
+    w = MetricsWriter(tmp_path, tensorboard=False, enabled=True)
+    for s in range(10):
+        w.write(s, {"loss": float(s)}, console=False)
+    w.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 10, "lo')  # torn by the kill
+    w = MetricsWriter(tmp_path, tensorboard=False, enabled=True, start_step=8)
+    for s in (8, 9, 10):
+        w.write(s, {"loss": 100.0 + s}, console=False)
+    w.close()
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(11))
+    assert [r["loss"] for r in recs[7:]] == [7.0, 108.0, 109.0, 110.0]
