@@ -86,6 +86,8 @@ def run(args) -> int:
             return _fail(str(err))
 
     from neodragon_jax.config import load_config
+    from neodragon_jax.convert.io import CheckpointNotFoundError, CheckpointReadError
+    from neodragon_jax.convert.keymap import CheckpointMismatchError
 
     cfg = load_config(args.config, args.overrides)
     stack = args.stack or ("preset" if args.checkpoint else "neodragon")
@@ -106,6 +108,10 @@ def run(args) -> int:
         comps = ec.build_components(cfg, models, opts)
     except ec.ExportError as err:
         return _fail(str(err))
+    except (CheckpointNotFoundError, CheckpointReadError) as err:  # a missing, incomplete or damaged --checkpoint
+        return _fail(str(err))
+    except CheckpointMismatchError as err:
+        return _fail(f"--checkpoint {args.checkpoint!r} does not fit config {cfg.name!r}: {err}")
     if not args.checkpoint:
         print("neodragon export: no --checkpoint - random non-zero weights (the numerical checks are real, the "
               "model is not)", file=sys.stderr)

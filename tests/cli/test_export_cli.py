@@ -77,3 +77,12 @@ def test_usage_errors(tmp_path, capsys, argv, message):
     rc = main(argv + ["--out", str(tmp_path / "x")])
     assert rc == 2
     assert message in capsys.readouterr().err
+
+
+def test_bad_checkpoint_is_one_line(tmp_path, capsys):
+    """A missing or empty --checkpoint folder ended in a traceback (issue 23 item 1, as for generate)."""
+    (tmp_path / "empty").mkdir()
+    for folder, message in ((tmp_path / "nope", "does not exist"), (tmp_path / "empty", "is empty")):
+        rc = main(["export", "onnx", "--config", "tiny", "--checkpoint", str(folder), "--out", str(tmp_path / "x")])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and "expected the official" in err and "Traceback" not in err
