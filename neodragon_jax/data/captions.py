@@ -1,7 +1,7 @@
 """Caption side of the synthetic captioned-video domain.
 
-A scene is one or two coloured shapes, each with a size and a motion (a direction at a speed, standing
-still, or bouncing), over a background. Everything the renderer needs is data here (vocabularies with their
+A scene is one or two coloured shapes, each with a size and a motion (a direction at a speed, or standing
+still), over a solid background. Everything the renderer needs is data here (vocabularies with their
 numeric meaning); everything a caption says comes from the phrase tables below, so the set of words a
 caption can contain is known exactly (``all_caption_words``) and the tiny tokenizers are trained on it.
 
@@ -39,18 +39,18 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "cyan": (40, 220, 230),
 }
 
-#: Shapes the renderer can draw.
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "cross", "ring", "hexagon")
+#: Shapes of the domain: four outlines that stay distinct at the tiny preset's 32x32 pixels.
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 
-#: Object size as a fraction of the shorter frame side (circumscribed radius).
-SIZES: dict[str, float] = {"small": 0.12, "large": 0.24}
+#: Object size as a fraction of the shorter frame side (circumscribed radius). One size: at 32x32 an object
+#: of radius 6.4 px leaves its centre 17 px of room, enough to travel ``SPEEDS`` in every direction.
+SIZES: dict[str, float] = {"regular": 0.2}
 
-#: Speed as the fraction of the frame width travelled over the whole clip (linear motions), or the number
-#: of bounces per clip (bounce). Unused for ``still``.
-SPEEDS: dict[str, float] = {"slow": 0.35, "fast": 0.8}
-BOUNCES_PER_CLIP: dict[str, float] = {"slow": 1.0, "fast": 2.5}
+#: Speed as the fraction of the frame width travelled over the whole clip (linear motions); unused for
+#: ``still``. One speed: 0.4 x 32 = 12.8 px over the clip.
+SPEEDS: dict[str, float] = {"regular": 0.4}
 
-MotionKind = Literal["linear", "still", "bounce"]
+MotionKind = Literal["linear", "still"]
 
 
 @dataclass(frozen=True)
@@ -75,18 +75,14 @@ MOTIONS: dict[str, Motion] = {
         Motion("down_left", "linear", (-_D, _D)),
         Motion("down_right", "linear", (_D, _D)),
         Motion("still", "still"),
-        # Vertical bounce in place; the speed sets how many bounces happen per clip.
-        Motion("bounce", "bounce", (0.0, -1.0)),
     )
 }
 
-#: Backgrounds: a solid sRGB colour, or a pattern the renderer draws (value None).
-BACKGROUNDS: dict[str, tuple[int, int, int] | None] = {
+#: Backgrounds: solid sRGB colours.
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "black": (0, 0, 0),
     "gray": (128, 128, 128),
     "white": (255, 255, 255),
-    "gradient": None,
-    "checkerboard": None,
 }
 
 # ---------------------------------------------------------------------------------------------------------
@@ -108,22 +104,13 @@ SHAPE_WORDS: dict[str, tuple[str, ...]] = {
     "circle": ("circle", "disc"),
     "square": ("square", "block"),
     "triangle": ("triangle",),
-    "star": ("star",),
     "diamond": ("diamond", "rhombus"),
-    "cross": ("cross", "plus sign"),
-    "ring": ("ring", "hoop"),
-    "hexagon": ("hexagon",),
 }
 
-SIZE_WORDS: dict[str, tuple[str, ...]] = {
-    "small": ("small", "little", "tiny"),
-    "large": ("large", "big"),
-}
-
-SPEED_WORDS: dict[str, tuple[str, ...]] = {
-    "slow": ("slowly", "gently", "at a slow pace"),
-    "fast": ("quickly", "fast", "rapidly", "at high speed"),
-}
+#: Size and speed wordings. A domain with one size (one speed) never states it: its words are empty and
+#: captions read "a red circle moving left on a black background".
+SIZE_WORDS: dict[str, tuple[str, ...]] = {"regular": ()}
+SPEED_WORDS: dict[str, tuple[str, ...]] = {"regular": ()}
 
 #: (participle, finite) verb pairs for linear motion.
 MOVE_VERBS: tuple[tuple[str, str], ...] = (
@@ -153,14 +140,7 @@ STILL_PHRASES: tuple[tuple[str, str], ...] = (
     ("resting in place", "rests in place"),
 )
 
-#: (participle, finite) phrases for a bouncing object; a speed adverb may follow.
-BOUNCE_PHRASES: tuple[tuple[str, str], ...] = (
-    ("bouncing", "bounces"),
-    ("bouncing up and down", "bounces up and down"),
-    ("hopping", "hops"),
-)
-
-#: Background phrases; ``{c}`` is a colour word for solid backgrounds.
+#: Background phrases; ``{c}`` is the background's colour word.
 SOLID_BACKGROUND_PHRASES: tuple[str, ...] = (
     "on a {c} background",
     "against a {c} backdrop",
@@ -171,10 +151,6 @@ BACKGROUND_COLOUR_WORDS: dict[str, tuple[str, ...]] = {
     "black": ("black",),
     "gray": ("gray", "grey"),
     "white": ("white",),
-}
-PATTERN_BACKGROUND_PHRASES: dict[str, tuple[str, ...]] = {
-    "gradient": ("on a gradient background", "against a smooth gradient", "over a colour gradient"),
-    "checkerboard": ("on a checkerboard background", "over a checkered pattern", "against a checkerboard"),
 }
 
 #: Sentence templates. ``{o}``/``{o1}``/``{o2}``: noun phrase, ``{p}``: participle motion phrase,
@@ -347,10 +323,12 @@ def _choose(options: Sequence[str], rng: np.random.Generator | None, mode: str) 
 
 def _noun_phrase(obj: ObjectSpec, rng: np.random.Generator | None, mode: str) -> str:
     form = NOUN_PHRASES[0] if mode != "random" else _pick(rng, NOUN_PHRASES)
-    size = _choose(SIZE_WORDS[obj.size], rng, mode)
+    size = _choose(SIZE_WORDS[obj.size], rng, mode) if SIZE_WORDS[obj.size] else ""
     colour = _choose(COLOUR_WORDS[obj.colour], rng, mode)
     shape = _choose(SHAPE_WORDS[obj.shape], rng, mode)
-    return form.format(a=_article(size), size=size, colour=colour, shape=shape)
+    text = form.format(a="{a}", size=size, colour=colour, shape=shape)
+    words = text.split()
+    return " ".join(words).replace("{a}", _article(words[1]))
 
 
 def _motion_phrases(obj: ObjectSpec, rng: np.random.Generator | None, mode: str) -> tuple[str, str]:
@@ -359,16 +337,17 @@ def _motion_phrases(obj: ObjectSpec, rng: np.random.Generator | None, mode: str)
     pair = _choose_pair
     if motion.kind == "still":
         return pair(STILL_PHRASES, rng, mode)
-    speed = _choose(SPEED_WORDS[obj.speed], rng, mode)
-    if motion.kind == "bounce":
-        part, fin = pair(BOUNCE_PHRASES, rng, mode)
-        return f"{part} {speed}", f"{fin} {speed}"
+    speed = _choose(SPEED_WORDS[obj.speed], rng, mode) if SPEED_WORDS[obj.speed] else ""
     part, fin = pair(MOVE_VERBS, rng, mode)
     direction = _choose(DIRECTION_WORDS[obj.motion], rng, mode)
     # The speed adverb goes before or after the direction: same content, different word order.
-    if mode == "random" and rng.random() < 0.5:
-        return f"{part} {direction} {speed}", f"{fin} {direction} {speed}"
-    return f"{part} {speed} {direction}", f"{fin} {speed} {direction}"
+    if speed and mode == "random" and rng.random() < 0.5:
+        return _join(part, direction, speed), _join(fin, direction, speed)
+    return _join(part, speed, direction), _join(fin, speed, direction)
+
+
+def _join(*parts: str) -> str:
+    return " ".join(p for p in parts if p)
 
 
 def _choose_pair(options: Sequence[tuple[str, str]], rng, mode: str) -> tuple[str, str]:
@@ -378,8 +357,6 @@ def _choose_pair(options: Sequence[tuple[str, str]], rng, mode: str) -> tuple[st
 
 
 def _background_phrase(background: str, rng: np.random.Generator | None, mode: str) -> str:
-    if background in PATTERN_BACKGROUND_PHRASES:
-        return _choose(PATTERN_BACKGROUND_PHRASES[background], rng, mode)
     form = _choose(SOLID_BACKGROUND_PHRASES, rng, mode)
     return form.format(c=_choose(BACKGROUND_COLOUR_WORDS[background], rng, mode))
 
@@ -422,11 +399,10 @@ def caption_corpus(num_captions: int, seed: int = 0) -> Iterator[str]:
 def phrase_inventory() -> list[str]:
     """Every phrase any caption can be assembled from (with both articles), in a fixed order."""
     phrases: list[str] = ["a", "an"]
-    for table in (COLOUR_WORDS, SHAPE_WORDS, SIZE_WORDS, SPEED_WORDS, DIRECTION_WORDS,
-                  BACKGROUND_COLOUR_WORDS, PATTERN_BACKGROUND_PHRASES):
+    for table in (COLOUR_WORDS, SHAPE_WORDS, SIZE_WORDS, SPEED_WORDS, DIRECTION_WORDS, BACKGROUND_COLOUR_WORDS):
         for options in table.values():
             phrases.extend(options)
-    for pairs in (MOVE_VERBS, STILL_PHRASES, BOUNCE_PHRASES):
+    for pairs in (MOVE_VERBS, STILL_PHRASES):
         for pair in pairs:
             phrases.extend(pair)
     phrases.extend(p.format(c="") for p in SOLID_BACKGROUND_PHRASES)
@@ -505,7 +481,7 @@ def held_out_scenes(split: CombinationSplit, num_scenes: int, seed: int = 0) -> 
 
 
 __all__ = [
-    "BACKGROUNDS", "BOUNCES_PER_CLIP", "COLOURS", "MOTIONS", "SHAPES", "SIZES", "SPEEDS",
+    "BACKGROUNDS", "COLOURS", "MOTIONS", "SHAPES", "SIZES", "SPEEDS",
     "CombinationSplit", "Motion", "ObjectSpec", "SceneSpec",
     "all_caption_words", "all_combinations", "canonical_caption", "caption", "caption_corpus",
     "held_out_scenes", "phrase_inventory", "sample_scene", "split_combinations",

@@ -1,28 +1,25 @@
 """Renderer and dataset writer of the synthetic captioned-video domain.
 
 A :class:`~neodragon_jax.data.captions.SceneSpec` (one or two coloured shapes with a size and a motion, over
-a background) becomes a uint8 video ``[F, H, W, 3]``. Rendering is pure numpy and deterministic by seed: the
-seed only picks where objects start, the gradient / checkerboard parameters, and nothing else, so every
-attribute a caption states is exactly what the pixels show.
+a solid background) becomes a uint8 video ``[F, H, W, 3]``. Rendering is pure numpy and deterministic by
+seed: the seed only picks where objects start and nothing else, so every attribute a caption states is
+exactly what the pixels show.
 
 What the pixels show (the scorer in ``neodragon_jax.eval.scorer`` relies on these facts):
 
 * Objects are flat fills of their palette colour (``captions.COLOURS``), axis-aligned in a canonical
-  orientation (a diamond is a rhombus standing on a corner, the triangle points up, the hexagon has a flat top),
+  orientation (a diamond is a rhombus standing on a corner, the triangle points up, the square sits flat),
   with circumscribed radius ``SIZES[size] * min(H, W)``. Anti-aliasing (default) averages ``supersample^2``
   samples per pixel; ``supersample=1`` draws crisp edges.
 * Objects never leave the frame: their centre stays ``r + 1`` pixels from every edge.
 * ``linear`` motion travels ``SPEEDS[speed] * W`` pixels along its direction over the clip at constant
   velocity, shortened when the frame has no room for it (a large object moving fast); ``still`` objects do
-  not move; ``bounce`` is ``|sin|`` hops of height ``BOUNCE_HEIGHT * H`` (capped by the room) above a base
-  line, ``BOUNCES_PER_CLIP[speed]`` hops per clip.
-* Backgrounds: solid ``BACKGROUNDS`` colours; ``gradient`` is a linear ramp at a random angle between two
-  muted tones; ``checkerboard`` alternates two muted tones in square cells of ``min(H, W) / k`` pixels,
-  ``k`` in ``CHECKER_CELLS``. Every background pixel is at least ``BACKGROUND_PALETTE_MARGIN`` (RGB distance)
-  away from every object colour, so colour alone separates objects from any background.
+  not move.
+* Backgrounds: solid ``BACKGROUNDS`` colours (black, gray, white); an object is never drawn in its
+  background's colour.
 * With two objects, the second is drawn over the first; their start positions are re-drawn (up to
-  ``_SEPARATION_TRIES`` times) so they never touch when the frame allows it (at 64x64 two large, fast
-  objects often must cross).
+  ``_SEPARATION_TRIES`` times) so they never touch when the frame allows it (at 32x32 two moving objects
+  often must cross).
 * Motion is defined per clip, so the frame rate only matters when writing files.
 
 ``write_dataset`` writes the folder format a user's real dataset uses (``videos/*.mp4`` + ``captions.jsonl``
@@ -43,7 +40,6 @@ import numpy as np
 
 from neodragon_jax.data.captions import (
     BACKGROUNDS,
-    BOUNCES_PER_CLIP,
     COLOURS,
     MOTIONS,
     SHAPES,
@@ -57,67 +53,29 @@ from neodragon_jax.data.captions import (
     split_combinations,
 )
 
-#: Hop height of a bouncing object as a fraction of the frame height (capped by the room above its base).
-BOUNCE_HEIGHT = 0.3
-
-#: Muted tones for gradients and checkerboards: far (RGB distance) from every object colour.
-GRADIENT_TONES: tuple[tuple[int, int, int], ...] = (
-    (20, 24, 64),    # navy
-    (16, 60, 64),    # dark teal
-    (64, 22, 56),    # plum
-    (62, 62, 16),    # olive
-    (74, 44, 22),    # brown
-    (22, 22, 22),    # charcoal
-    (92, 96, 110),   # slate
-    (30, 70, 36),    # forest
-)
-CHECKER_TONES: tuple[tuple[tuple[int, int, int], tuple[int, int, int]], ...] = (
-    ((30, 30, 30), (100, 100, 100)),
-    ((20, 28, 60), (88, 96, 120)),
-    ((60, 34, 20), (110, 96, 84)),
-    ((22, 52, 36), (92, 112, 100)),
-)
-#: A checkerboard has ``k`` cells along the shorter frame side, ``k`` drawn from these.
-CHECKER_CELLS: tuple[int, ...] = (4, 6, 8)
-#: Minimum RGB distance between any pattern-background pixel and any object colour (checked by the tests).
-BACKGROUND_PALETTE_MARGIN = 100.0
 #: Start positions drawn per two-object scene at most, to keep the objects apart.
 _SEPARATION_TRIES = 32
-#: Minimum RGB distance between the two end tones of a gradient.
-_MIN_GRADIENT_CONTRAST = 60.0
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Shapes (unit circumscribed radius, image coordinates: x right, y down)
 # ---------------------------------------------------------------------------------------------------------
 
-_RING_INNER = 0.55
-_STAR_INNER = 0.45
-_CROSS_ARM = 0.3  # half-width of a cross arm
 _DIAMOND_HALF_WIDTH = 0.75
 
 
-def _regular(n: int, start_deg: float, radii: Sequence[float] = (1.0,)) -> np.ndarray:
+def _regular(n: int, start_deg: float) -> np.ndarray:
     angles = np.deg2rad(start_deg + np.arange(n) * 360.0 / n)
-    r = np.resize(np.asarray(radii, np.float64), n)
-    return np.stack([r * np.cos(angles), r * np.sin(angles)], -1)
+    return np.stack([np.cos(angles), np.sin(angles)], -1)
 
 
-def _cross_polygon(a: float) -> np.ndarray:
-    return np.array([(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a),
-                     (-1, a), (-1, -a), (-a, -a)], np.float64)
-
-
-#: Polygon vertices of the polygonal shapes (circle and ring are analytic).
+#: Polygon vertices of the polygonal shapes (the circle is analytic).
 SHAPE_POLYGONS: dict[str, np.ndarray] = {
     "square": np.array([(-1, -1), (1, -1), (1, 1), (-1, 1)], np.float64) / np.sqrt(2.0),
     "triangle": _regular(3, -90.0),
-    "star": _regular(10, -90.0, (1.0, _STAR_INNER)),
     "diamond": np.array([(0, -1), (_DIAMOND_HALF_WIDTH, 0), (0, 1), (-_DIAMOND_HALF_WIDTH, 0)], np.float64),
-    "cross": _cross_polygon(_CROSS_ARM),
-    "hexagon": _regular(6, 0.0),
 }
-assert set(SHAPE_POLYGONS) | {"circle", "ring"} == set(SHAPES), "every caption shape needs a drawing"
+assert set(SHAPES) == set(SHAPE_POLYGONS) | {"circle"}, "every caption shape needs a drawing"
 
 
 def _inside_polygon(px: np.ndarray, py: np.ndarray, poly: np.ndarray) -> np.ndarray:
@@ -137,9 +95,6 @@ def inside_shape(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Whether unit-radius coordinates ``(u, v)`` (centre at 0, y down) lie inside ``shape``."""
     if shape == "circle":
         return u * u + v * v <= 1.0
-    if shape == "ring":
-        d2 = u * u + v * v
-        return (d2 <= 1.0) & (d2 >= _RING_INNER ** 2)
     if shape not in SHAPE_POLYGONS:
         raise ValueError(f"unknown shape {shape!r}; expected one of {list(SHAPES)}")
     return _inside_polygon(u, v, SHAPE_POLYGONS[shape])
@@ -149,8 +104,6 @@ def shape_area(shape: str) -> float:
     """Area of ``shape`` at unit circumscribed radius."""
     if shape == "circle":
         return float(np.pi)
-    if shape == "ring":
-        return float(np.pi * (1.0 - _RING_INNER ** 2))
     x, y = SHAPE_POLYGONS[shape].T
     return float(0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
 
@@ -180,32 +133,11 @@ def shape_coverage(shape: str, cx: float, cy: float, radius: float, height: int,
 # ---------------------------------------------------------------------------------------------------------
 
 
-def render_background(name: str, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
-    """Background image float32 ``[H, W, 3]`` in 0..255 (``rng`` draws the pattern parameters)."""
+def render_background(name: str, height: int, width: int) -> np.ndarray:
+    """Background image float32 ``[H, W, 3]`` in 0..255: the solid ``BACKGROUNDS`` colour."""
     if name not in BACKGROUNDS:
         raise ValueError(f"unknown background {name!r}; expected one of {sorted(BACKGROUNDS)}")
-    solid = BACKGROUNDS[name]
-    if solid is not None:
-        return np.broadcast_to(np.asarray(solid, np.float32), (height, width, 3)).copy()
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
-    if name == "gradient":
-        tones = np.asarray(GRADIENT_TONES, np.float32)
-        pairs = [(i, j) for i in range(len(tones)) for j in range(len(tones))
-                 if i != j and np.linalg.norm(tones[i] - tones[j]) >= _MIN_GRADIENT_CONTRAST]
-        i, j = pairs[int(rng.integers(len(pairs)))]
-        angle = rng.uniform(0.0, 2.0 * np.pi)
-        proj = np.cos(angle) * xs + np.sin(angle) * ys
-        t = (proj - proj.min()) / max(float(np.ptp(proj)), 1e-6)
-        return (tones[i] * (1.0 - t[..., None]) + tones[j] * t[..., None]).astype(np.float32)
-    if name == "checkerboard":
-        a, b = (np.asarray(c, np.float32) for c in CHECKER_TONES[int(rng.integers(len(CHECKER_TONES)))])
-        if rng.random() < 0.5:
-            a, b = b, a
-        cell = min(height, width) / float(CHECKER_CELLS[int(rng.integers(len(CHECKER_CELLS)))])
-        ox, oy = rng.uniform(0.0, cell, size=2)
-        parity = (np.floor((xs + ox) / cell) + np.floor((ys + oy) / cell)) % 2
-        return np.where(parity[..., None] > 0, b, a).astype(np.float32)
-    raise ValueError(f"background {name!r} has no colour and no pattern renderer")  # pragma: no cover
+    return np.broadcast_to(np.asarray(BACKGROUNDS[name], np.float32), (height, width, 3)).copy()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -231,11 +163,6 @@ def linear_travel(motion: str, speed: str, size: str, height: int, width: int) -
     return max(dist, 0.0)
 
 
-def bounce_height(size: str, height: int, width: int) -> float:
-    m = object_radius(size, height, width) + 1.0
-    return max(min(BOUNCE_HEIGHT * height, height - 2 * m), 0.0)
-
-
 def object_trajectory(obj: ObjectSpec, height: int, width: int, num_frames: int,
                       rng: np.random.Generator) -> np.ndarray:
     """Centre ``(x, y)`` per frame, float64 ``[F, 2]``; ``rng`` draws only the start position."""
@@ -245,12 +172,6 @@ def object_trajectory(obj: ObjectSpec, height: int, width: int, num_frames: int,
     if motion.kind == "still":
         p = np.array([rng.uniform(m, width - m), rng.uniform(m, height - m)])
         return np.broadcast_to(p, (num_frames, 2)).copy()
-    if motion.kind == "bounce":
-        amp = bounce_height(obj.size, height, width)
-        x = rng.uniform(m, width - m)
-        base = rng.uniform(m + amp, height - m)
-        y = base - amp * np.abs(np.sin(np.pi * BOUNCES_PER_CLIP[obj.speed] * t))
-        return np.stack([np.full_like(t, x), y], -1)
     d = np.asarray(motion.direction, np.float64)
     step = d * linear_travel(obj.motion, obj.speed, obj.size, height, width)
     lo = np.array([m, m]) - np.minimum(step, 0.0)
@@ -279,7 +200,7 @@ def render_scene(scene: SceneSpec, *, height: int = 64, width: int = 64, num_fra
     if supersample < 1:
         raise ValueError(f"supersample must be >= 1, got {supersample}")
     rng = np.random.default_rng(seed)
-    background = render_background(scene.background, height, width, rng)
+    background = render_background(scene.background, height, width)
     paths = _trajectories(scene, height, width, num_frames, rng)
     video = np.empty((num_frames, height, width, 3), np.float32)
     for f in range(num_frames):
@@ -361,7 +282,7 @@ def write_dataset(
 
     Layout::
 
-        out_dir/videos/000000.mp4 ...
+        out_dir/videos/000000.mp4 ...   lossless RGB H.264 (decodes to the rendered pixels exactly)
         out_dir/captions.jsonl    {"video": "videos/000000.mp4", "text": caption}   (a real dataset's format)
         out_dir/scenes.jsonl      {"video", "text", "scene": {...}, "render_seed", "held_out"}  (ground truth)
         out_dir/dataset.json      the arguments of this call
@@ -394,7 +315,10 @@ def write_dataset(
             frames = render_scene(scene, height=height, width=width, num_frames=num_frames, seed=rseed,
                                   supersample=supersample)
             rel = f"videos/{i:06d}.{video_format}"
-            (write_mp4 if video_format == "mp4" else write_gif)(frames, out / rel, fps=fps)
+            if video_format == "mp4":
+                write_mp4(frames, out / rel, fps=fps, lossless=True)
+            else:
+                write_gif(frames, out / rel, fps=fps)
             captions_rows.append({"video": rel, "text": text})
             scene_rows.append({"video": rel, "text": text, "scene": scene_to_dict(scene), "render_seed": rseed,
                                "held_out": bool(split is not None and split.is_held_out(scene))})
@@ -438,8 +362,8 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 __all__ = [
-    "BOUNCE_HEIGHT", "CHECKER_TONES", "GRADIENT_TONES", "SHAPE_POLYGONS",
-    "bounce_height", "dataset_item", "inside_shape", "linear_travel", "object_radius", "object_trajectory",
+    "SHAPE_POLYGONS",
+    "dataset_item", "inside_shape", "linear_travel", "object_radius", "object_trajectory",
     "read_scenes", "render_background", "render_scene", "scene_from_dict", "scene_to_dict", "shape_area",
     "shape_coverage", "write_dataset",
 ]

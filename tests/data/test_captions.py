@@ -30,7 +30,7 @@ def test_different_seeds_differ():
 
 def test_paraphrases_vary_but_keep_the_content():
     scene = C.SceneSpec(
-        objects=(C.ObjectSpec("purple", "cross", "small", "up_left", "fast"),), background="gray"
+        objects=(C.ObjectSpec("purple", "diamond", "regular", "up_left", "regular"),), background="gray"
     )
     rng = np.random.default_rng(0)
     texts = {C.caption(scene, rng) for _ in range(200)}
@@ -38,17 +38,42 @@ def test_paraphrases_vary_but_keep_the_content():
     for text in texts:
         words = set(re.findall(r"[a-z]+", text))
         assert words & set(C.COLOUR_WORDS["purple"])
-        assert words & {w for p in C.SHAPE_WORDS["cross"] for w in p.split()}
-        assert words & set(C.SIZE_WORDS["small"])
+        assert words & set(C.SHAPE_WORDS["diamond"])
         assert words & set(C.BACKGROUND_COLOUR_WORDS["gray"])
         assert any(phrase in text for phrase in C.DIRECTION_WORDS["up_left"])
-        assert any(phrase in text for phrase in C.SPEED_WORDS["fast"])
         # Nothing from other values of the same attributes.
         for colour, options in C.COLOUR_WORDS.items():
             if colour != "purple":
                 assert not words & set(options), text
-        for size in ("large",):
-            assert not words & set(C.SIZE_WORDS[size]), text
+        for shape, options in C.SHAPE_WORDS.items():
+            if shape != "diamond":
+                assert not words & set(options), text
+
+
+def test_captions_never_state_size_or_speed():
+    """One size and one speed: their wordings are empty and captions read "a red circle moving left ..."."""
+    assert list(C.SIZES) == ["regular"] and list(C.SPEEDS) == ["regular"]
+    assert C.SIZE_WORDS == {"regular": ()} and C.SPEED_WORDS == {"regular": ()}
+    scene = C.SceneSpec((C.ObjectSpec("red", "circle", "regular", "left", "regular"),), "black")
+    assert C.canonical_caption(scene) == "a red circle moving to the left on a black background"
+    orange = C.SceneSpec((C.ObjectSpec("orange", "square", "regular", "still", None),), "white")
+    assert C.canonical_caption(orange) == "an orange square standing still on a white background"
+    old_words = {"small", "little", "tiny", "large", "big", "slowly", "gently", "slow", "quickly", "fast",
+                 "rapidly", "speed", "pace", "bouncing", "bounces", "hopping", "hops", "gradient", "checkerboard",
+                 "checkered", "star", "cross", "ring", "hexagon"}
+    assert not old_words & set(C.all_caption_words())
+    for text in C.caption_corpus(500, seed=3):
+        assert "  " not in text and text == text.strip(), repr(text)
+        assert re.match(r"(a |an |on |over |against |two )", text), text
+
+
+def test_domain_vocabularies():
+    assert C.SHAPES == ("circle", "square", "triangle", "diamond")
+    assert set(C.MOTIONS) == {"left", "right", "up", "down", "up_left", "up_right", "down_left", "down_right", "still"}
+    assert {m.kind for m in C.MOTIONS.values()} == {"linear", "still"}
+    assert C.BACKGROUNDS == {"black": (0, 0, 0), "gray": (128, 128, 128), "white": (255, 255, 255)}
+    assert len(C.COLOURS) == 8
+    assert len(C.all_combinations()) == 8 * 4 * 9
 
 
 def test_two_object_captions_name_both_objects():
@@ -85,10 +110,15 @@ def test_objects_are_never_invisible():
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: C.ObjectSpec("pink", "circle", "small", "left", "slow"),
-        lambda: C.ObjectSpec("red", "circle", "small", "still", "slow"),
-        lambda: C.ObjectSpec("red", "circle", "small", "left", None),
-        lambda: C.SceneSpec((C.ObjectSpec("white", "star", "large", "up", "fast"),), "white"),
+        lambda: C.ObjectSpec("pink", "circle", "regular", "left", "regular"),
+        lambda: C.ObjectSpec("red", "circle", "regular", "still", "regular"),
+        lambda: C.ObjectSpec("red", "circle", "regular", "left", None),
+        lambda: C.ObjectSpec("red", "star", "regular", "left", "regular"),
+        lambda: C.ObjectSpec("red", "circle", "small", "left", "regular"),
+        lambda: C.ObjectSpec("red", "circle", "regular", "left", "fast"),
+        lambda: C.ObjectSpec("red", "circle", "regular", "bounce", "regular"),
+        lambda: C.SceneSpec((C.ObjectSpec("red", "circle", "regular", "up", "regular"),), "checkerboard"),
+        lambda: C.SceneSpec((C.ObjectSpec("white", "square", "regular", "up", "regular"),), "white"),
         lambda: C.SceneSpec((), "black"),
     ],
 )
@@ -100,6 +130,7 @@ def test_bad_scenes_are_rejected(make):
 def test_held_out_split_is_disjoint_complete_and_deterministic():
     split = C.split_combinations(held_out_fraction=0.1, seed=0)
     everything = set(C.all_combinations())
+    assert len(everything) == 288 and len(split.held_out) == 29
     assert not split.train & split.held_out
     assert split.train | split.held_out == everything
     assert len(split.held_out) == round(0.1 * len(everything))
