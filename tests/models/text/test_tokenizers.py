@@ -129,10 +129,15 @@ def test_every_caption_word_is_one_token(toks):
         assert len(toks.t5(word, add_special_tokens=False).input_ids) == 1, word
 
 
-def test_rebuild_is_byte_identical(tmp_path):
-    build.build(tmp_path)
-    diffs = build.diff_trees(tmp_path, shipped_tokenizer_dir("tiny"))
-    assert diffs == [], f"{diffs} differ; regenerate with python -m neodragon_jax.models.text.build_tiny_tokenizers"
+def test_rebuild_is_deterministic(tmp_path):
+    """The shipped folders were built from the earlier, larger caption vocabulary (8 shapes, sizes, speeds,
+    bounce, patterned backgrounds) and are kept: today's captions use a subset of their words, each still one
+    token (``test_every_caption_word_is_one_token``), and keeping them keeps the token ids of trained
+    checkpoints. A rebuild from today's captions therefore differs from the shipped bytes; it must still be
+    deterministic."""
+    build.build(tmp_path / "a")
+    build.build(tmp_path / "b")
+    assert build.diff_trees(tmp_path / "a", tmp_path / "b") == []
     size = sum(p.stat().st_size for p in shipped_tokenizer_dir("tiny").rglob("*") if p.is_file())
     assert size < 300_000
 
