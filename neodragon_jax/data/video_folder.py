@@ -165,8 +165,12 @@ def decode_clip(path: str | os.PathLike, *, num_frames: int, height: int, width:
                     break
                 prev = (t, frame)
             if fps is not None and prev is not None and len(kept) < num_frames:
-                # The last frame still serves a target within half a source frame of it.
+                # The last frame serves the targets until it ends: its own duration when the container
+                # gives one (a GIF merges identical frames into one long frame), else half a source frame.
                 tol = 0.5 / src_fps if src_fps else 0.0
+                last = prev[1]
+                if last.duration and last.time_base:
+                    tol = max(tol, float(last.duration * last.time_base) - 1e-6)
                 while len(kept) < num_frames and t0 + len(kept) / fps <= prev[0] + tol:
                     kept.append(_resize_crop(prev[1].to_ndarray(format="rgb24"), height, width))
     except VideoReadError:
