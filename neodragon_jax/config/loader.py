@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from neodragon_jax.config.schema import Config
+from neodragon_jax.config.stage_settings import StageSettings
 
 
 class ConfigError(ValueError):
@@ -60,7 +61,9 @@ def valid_keys(cls=Config, prefix: str = "") -> list[str]:
     """Every dotted leaf key the schema accepts."""
     keys = []
     for name, tp in _field_types(cls).items():
-        if dataclasses.is_dataclass(tp):
+        if tp is StageSettings:
+            keys.extend(StageSettings().valid_keys(f"{prefix}{name}."))
+        elif dataclasses.is_dataclass(tp):
             keys.extend(valid_keys(tp, f"{prefix}{name}."))
         else:
             keys.append(f"{prefix}{name}")
@@ -149,8 +152,11 @@ def unknown_key_message(key: str, value: Any, prefix: str, section_keys: list[st
     return msg + " (every key: neodragon_jax/config/schema.py)"
 
 
-def _apply(obj, updates: Mapping[str, Any], prefix: str = ""):
-    """Return ``obj`` with nested ``updates`` applied; unknown keys raise with the valid list."""
+def _apply(obj, updates: Mapping[str, Any], prefix: str = "", *, strict_stages: bool = True):
+    """Return ``obj`` with nested ``updates`` applied; unknown keys raise with the valid list.
+
+    ``strict_stages=False`` (reading a recorded config) keeps the settings of stages this process has not
+    registered as plain dicts instead of refusing them."""
     cls = type(obj)
     types_ = _field_types(cls)
     changes = {}
@@ -160,10 +166,14 @@ def _apply(obj, updates: Mapping[str, Any], prefix: str = ""):
             raise ConfigError(unknown_key_message(key, updates[name], prefix, list(types_)))
         tp = types_[name]
         current = getattr(obj, name)
-        if dataclasses.is_dataclass(tp):
+        if tp is StageSettings:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{key} is a section; set its fields, e.g. {key}.<stage>.<field>=...")
+            changes[name] = current.apply(value, f"{key}.", strict=strict_stages)
+        elif dataclasses.is_dataclass(tp):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{key} is a section; set its fields, e.g. {key}.<field>=...")
-            changes[name] = _apply(current, value, f"{key}.")
+            changes[name] = _apply(current, value, f"{key}.", strict_stages=strict_stages)
         else:
             changes[name] = _coerce(value, tp, key)
     return dataclasses.replace(obj, **changes) if changes else obj
@@ -236,12 +246,15 @@ def load_config(preset: str | Path = "tiny", overrides: Iterable[str] = ()) -> C
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    out = dataclasses.asdict(cfg)
+    if isinstance(getattr(cfg, "stages", None), StageSettings):
+        out["stages"] = cfg.stages.to_dict()
+    return out
 
 
 def from_dict(tree: Mapping[str, Any]) -> Config:
     """Inverse of :func:`to_dict` (e.g. the config stored next to a run or inside a checkpoint)."""
-    return _apply(Config(), tree)
+    return _apply(Config(), tree, strict_stages=False)
 
 
 def to_json(cfg) -> str:

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from neodragon_jax.config.stage_settings import StageSettings
 from neodragon_jax.config.train_schema import (
     CheckpointConfig,
     DataConfig,
@@ -268,6 +269,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    # Typed settings of each training stage (``stages.<stage>.<field>``), registered by the stage itself.
+    stages: StageSettings = field(default_factory=StageSettings)
 
 
 def replace(obj, **changes):

@@ -77,6 +77,9 @@ class TrainConfig:
     # runs out the loop checkpoints the step it reached and stops early, so a time-boxed job (a lent
     # accelerator, a preemptible slot) ends with its work saved; a later invocation resumes from there.
     time_limit_s: float = 0.0
+    # Per-run init sources of a stage's roles, ``ROLE=SOURCE`` (``train/weights.py``: ``official:DIR``,
+    # ``run:DIR@STEP[:ema]#SUBTREE``, ``npz:FILE``, ``prune:ROLE[i,j]``, ``random``); overrides the stage's own.
+    role_init: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
