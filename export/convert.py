@@ -58,7 +58,7 @@ from neodragon_jax.convert.io import (
     read_safetensors,
     write_safetensors,
 )
-from neodragon_jax.convert.keymap import KeyMap
+from neodragon_jax.convert.registry import component_kind, keymap_for  # noqa: F401 - re-exported
 from neodragon_jax.fsutil import chmod_like_open
 from neodragon_jax.pipelines.official import (  # noqa: F401 - re-exported: the reader lives beside the loader
     OURS,
@@ -93,56 +93,8 @@ _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtype
 # ---- per-component maps and mirrors -------------------------------------------------------------------------
 
 
-def _kind(model: nnx.Module) -> str:
-    from neodragon_jax.models.mmdit import PyramidMMDiT
-    from neodragon_jax.models.text.clip import CLIPTextEncoder
-    from neodragon_jax.models.text.conditioner import TextConditioner
-    from neodragon_jax.models.text.context_adapter import ContextAdapter
-    from neodragon_jax.models.text.distil_t5 import DistilT5
-    from neodragon_jax.models.text.t5 import T5Encoder
-    from neodragon_jax.models.vae import CausalVAEDecoder, CausalVAEEncoder, CausalVideoVAE, LightDecoder
-
-    kinds = (
-        (PyramidMMDiT, "mmdit"), (CausalVideoVAE, "vae"), (CausalVAEEncoder, "vae_encoder"),
-        (CausalVAEDecoder, "vae_native_decoder"), (LightDecoder, "vae_light_decoder"), (TextConditioner, "text"),
-        (DistilT5, "distil_t5"), (ContextAdapter, "context_adapter"), (T5Encoder, "t5"), (CLIPTextEncoder, "clip"),
-    )
-    for cls, name in kinds:
-        if type(model) is cls or isinstance(model, cls):
-            return name
-    raise TypeError(
-        f"no key map / mirror for {type(model).__name__}: expected one of {', '.join(c.__name__ for c, _ in kinds)}"
-    )
-
-
-def keymap_for(model: nnx.Module) -> KeyMap:
-    """The official-name key map of a JAX component (the one checkpoint import uses)."""
-    from neodragon_jax.convert import mmdit as cm
-    from neodragon_jax.convert import text as ct
-    from neodragon_jax.convert import vae as cv
-
-    kind = _kind(model)
-    if kind == "mmdit":
-        return cm.mmdit_keymap(model.cfg)
-    if kind == "vae":
-        return cv.vae_keymap(model)
-    if kind == "vae_encoder":
-        return cv.encoder_keymap(model.cfg)
-    if kind == "vae_native_decoder":
-        return cv.native_decoder_keymap(model.cfg)
-    if kind == "vae_light_decoder":
-        return cv.light_decoder_keymap(model.cfg)
-    if kind == "text":
-        maps = ct.text_conditioner_keymaps(model.cfg)
-        entries = tuple(e for n, m in maps.items() for e in m.prefixed(f"{n}.", f"{n}.").entries)
-        return KeyMap("text_conditioner", entries)
-    if kind == "distil_t5":
-        return ct.distil_t5_keymap(model.cfg)
-    if kind == "context_adapter":
-        return ct.context_adapter_keymap(model.cfg)
-    if kind == "t5":
-        return ct.t5_encoder_keymap(model.cfg)
-    return ct.clip_text_keymap(model.cfg)
+# The key-map registry lives in the library (train/ loads official weights through it).
+_kind = component_kind
 
 
 def mirror_for(model: nnx.Module):
