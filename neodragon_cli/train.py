@@ -44,7 +44,10 @@ def enable_compile_cache(path: str | None) -> str | None:
 
 # ---------------------------------------------------------------------------------------------- train
 def add_train_arguments(p) -> None:
-    p.add_argument("stage", help="training stage: flow (pyramidal flow matching), toy (engine stand-in), ...")
+    from train import registry  # no JAX: the table of stages only
+
+    p.add_argument("stage", help="training stage, one of: " + registry.describe(trainable_only=True)
+                   + ". Its settings are --set stages.STAGE.FIELD=VALUE")
     p.add_argument("--config", default="tiny", help="preset name in configs/ or a .toml path (default: tiny)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted config override, repeatable (e.g. --set optim.lr=1e-4)")
@@ -121,6 +124,13 @@ def run_train(args) -> int:
         return _err("train", f"config error: {e}")
     except CheckpointMismatchError as e:
         return _err("train", f"the checkpoint does not fit this config: {e}")
+    except ValueError as e:
+        from train.roles import RoleError
+        from train.weights import WeightSourceError
+
+        if isinstance(e, (RoleError, WeightSourceError)):  # a role or init source that does not exist
+            return _err("train", str(e))
+        raise
 
 
 def data_description(stage, cfg) -> str:

@@ -30,7 +30,6 @@ The module also registers ``dmd_plan``: a PLANNING stand-in of the DMD step (see
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -57,7 +56,7 @@ from neodragon_jax.pyramid.loss import (
 from neodragon_jax.pyramid.pyramids import downsample_2x, latent_pyramid, noise_pyramid, upsample_2x
 from neodragon_jax.pyramid.scheduler import PyramidSchedule, make_schedule
 from neodragon_jax.sharding import constrain
-from train.stages import register_stage
+from train.roles import Frozen, Models, RoleStage, Trained, Update
 
 log = logging.getLogger(__name__)
 
@@ -304,19 +303,6 @@ def _stop_gradient_where(model: nnx.Module, trainable: Callable[[tuple], bool]) 
     nnx.update(model, state)
 
 
-@functools.lru_cache(maxsize=2)
-def _official_weights(path: str, mmdit_cfg, param_dtype: str) -> dict:
-    """Host (numpy) pure-dict params of an official-layout MMDiT checkpoint (cached: DMD loads it thrice)."""
-    from neodragon_jax.convert.mmdit import load_mmdit_weights
-    from neodragon_jax.models.mmdit import abstract_mmdit
-
-    dt = as_dtype(param_dtype)
-    model = abstract_mmdit(mmdit_cfg, param_dtype=dt)
-    load_mmdit_weights(model, path)
-    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return jax.tree.map(lambda x: np.asarray(x).astype(dt), pure)
-
-
 def _dtype(key: str) -> str:
     return "int32" if key.endswith("mask") else "float32"
 
@@ -350,12 +336,31 @@ def _dataset_null_text(records_path: str, shapes: dict) -> dict[str, np.ndarray]
 
 
 # ------------------------------------------------------------------------------------------------ stage
-class FlowMatchingStage:
+@dataclasses.dataclass(frozen=True)
+class FlowSettings:
+    """``cfg.stages.flow``. The stage's other options are the older ``train.*`` keys (``trainable_blocks``,
+    ``pyramid_units``, ``init_checkpoint``), kept where the CLI and the demo set them."""
+
+    # Init source of the MMDiT (``train/weights.py`` spec: ``official:DIR``, ``run:DIR@STEP:ema``, ...);
+    # empty = ``official:<train.init_checkpoint>`` when that is set, else random.
+    init: str = ""
+
+
+def mmdit_init(cfg: Config, spec: str) -> str:
+    """A role's init source: ``spec``, else the official weights of ``train.init_checkpoint``, else random."""
+    if spec:
+        return spec
+    return f"official:{cfg.train.init_checkpoint}" if cfg.train.init_checkpoint else "random"
+
+
+class FlowMatchingStage(RoleStage):
     """Pyramidal flow matching of ``PyramidMMDiT(cfg.model.mmdit)`` (see the module docstring)."""
 
     name = "flow"
+    settings_class = FlowSettings
 
     def __init__(self, cfg: Config):
+        self.settings = cfg.stages.get_settings(self.name)
         self.schedule = make_schedule(cfg.pyramid)
         self.geometry = flow_geometry(cfg)
         n = cfg.model.mmdit.num_layers
@@ -369,16 +374,14 @@ class FlowMatchingStage:
         self.null_text: dict[str, np.ndarray] | None = None  # dataset-wide empty prompt (null_text.npz)
         self.with_null = self._check_records(cfg)
 
-    # -- models ------------------------------------------------------------------------------------------
+    # -- roles -------------------------------------------------------------------------------------------
     def _mmdit(self, cfg: Config, rngs: nnx.Rngs) -> PyramidMMDiT:
         return PyramidMMDiT(cfg.model.mmdit, dtype=as_dtype(cfg.precision.dtype),
                             param_dtype=as_dtype(cfg.precision.param_dtype), rngs=_KeyStream(rngs))
 
-    def build_trainable(self, cfg: Config, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
-        return {"mmdit": self._mmdit(cfg, rngs)}
-
-    def build_frozen(self, cfg: Config, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
-        return {}
+    def roles(self, cfg: Config):
+        return {"mmdit": Trained(self._mmdit, init=mmdit_init(cfg, self.settings.init),
+                                 mask=lambda c, p: self.trainable_mask(c, "mmdit", p))}
 
     def is_trainable(self, path: Sequence[Any]) -> bool:
         """Whether the parameter at ``path`` (pure-dict keys) trains under ``train.trainable_blocks``."""
@@ -392,11 +395,6 @@ class FlowMatchingStage:
             return None
         flat = traverse_util.flatten_dict(nnx.to_pure_dict(abstract_params))
         return traverse_util.unflatten_dict({p: self.is_trainable(p) for p in flat})
-
-    def load_weights(self, cfg: Config, name: str, abstract_state: nnx.State):
-        if not cfg.train.init_checkpoint:
-            return None
-        return _official_weights(str(cfg.train.init_checkpoint), cfg.model.mmdit, cfg.precision.param_dtype)
 
     # -- data --------------------------------------------------------------------------------------------
     def _check_records(self, cfg: Config) -> bool:
@@ -542,7 +540,6 @@ def synthetic_record(g: FlowGeometry, seed: int, index: int) -> dict[str, np.nda
     }
 
 
-register_stage("flow", FlowMatchingStage)
 
 
 # ------------------------------------------------------------------------------------- record extraction
@@ -640,40 +637,68 @@ def extract_records(
 
 
 # ------------------------------------------------------------------------------------ DMD plan stand-in
+@dataclasses.dataclass(frozen=True)
+class DMDPlanSettings:
+    """``cfg.stages.dmd_plan``: the stand-in's update ratio and roles."""
+
+    # Fake-score updates before each generator update, inside one step (the paper uses 2).
+    fake_updates: int = 2
+    # Blocks of the real score the generator keeps (a pruned student: ``prune:real_score[...]`` with the
+    # student's depth); empty = the generator is as deep as the real score.
+    generator_blocks: tuple[int, ...] = ()
+    # Init sources (``train/weights.py``); empty = ``official:<train.init_checkpoint>`` when set, else random.
+    real_score_init: str = ""
+    fake_score_init: str = ""
+    generator_init: str = ""
+
+
 class DMDPlanStage(FlowMatchingStage):
     """PLAN-SHAPE STAND-IN for the Pyramidal-DMD step (spec §7.2) until the DMD issue lands; not for training.
 
-    Models as the real DMD stage will have them: trained ``generator`` and ``fake_score`` MMDiTs, frozen
-    ``real_score`` (all ``cfg.model.mmdit``, all from ``train.init_checkpoint`` when set). Per (stage,
-    unit) group it lowers the real step's forward/backward structure: generator forward at the stage start
-    (one Euler step to a clean estimate z~), re-noise z~ at one of 4 fixed local levels, real-score
-    forwards with CFG (conditional + empty-prompt rows), fake-score forward, DMD surrogate
-    ``0.5 |z~ - sg(z~ - w (v_real - v_fake))|^2`` plus 0.5 x the Cauchy regression term; and the fake
-    score's flow-matching loss on the detached z~ at a uniform level (its own forward + backward). The
-    generator and fake-score losses are returned separately, so each model gets its own gradient.
-    Placeholders (to be settled by the DMD issue): the exact weighting, tau levels, CFG scale
-    (``sampling.later_unit_cfg``; ``first_unit_cfg`` for unit 0), no history corruption, one fake update
-    per generator update (the paper uses 2).
+    Roles as the real DMD stage will have them: frozen ``real_score`` (``cfg.model.mmdit``), trained
+    ``fake_score`` (same config) and trained ``generator`` (the same, or ``generator_blocks`` of the real
+    score: its own depth through its config overrides, its weights pruned from the real score). Updates, in
+    this order inside one step: the fake score ``fake_updates`` times (flow matching on the detached
+    generator sample at a uniform level), then the generator once (DMD surrogate). Per (stage, unit) group
+    it lowers the real step's structure: generator forward at the stage start (one Euler step to a clean
+    estimate z~), re-noise z~ at one of 4 fixed local levels, real-score forwards with CFG (conditional +
+    empty-prompt rows), fake-score forward, DMD surrogate ``0.5 |z~ - sg(z~ - w (v_real - v_fake))|^2`` plus
+    0.5 x the Cauchy regression term. Placeholders (to be settled by the DMD issue): the exact weighting, tau
+    levels, CFG scale (``sampling.later_unit_cfg``; ``first_unit_cfg`` for unit 0), no history corruption.
     """
 
     name = "dmd_plan"
+    settings_class = DMDPlanSettings
     plan_only = True  # `neodragon train` refuses it
     TAU_LEVELS = (0.125, 0.375, 0.625, 0.875)
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         self.cfg_scales = (float(cfg.sampling.first_unit_cfg), float(cfg.sampling.later_unit_cfg))
+        if self.settings.fake_updates < 1:
+            raise ValueError(f"stages.dmd_plan.fake_updates must be >= 1, got {self.settings.fake_updates}")
 
-    def build_trainable(self, cfg, rngs):
-        return {"generator": self._mmdit(cfg, rngs), "fake_score": self._mmdit(cfg, rngs)}
+    def roles(self, cfg: Config):
+        s = self.settings
+        generator_overrides, generator_init = (), mmdit_init(cfg, s.generator_init)
+        if s.generator_blocks:
+            kept = [int(b) for b in s.generator_blocks]
+            generator_overrides = (f"model.mmdit.num_layers={len(kept)}",
+                                   f"model.mmdit.teacher_block_indices={kept}")
+            generator_init = s.generator_init or f"prune:real_score[{','.join(map(str, kept))}]"
+        return {
+            "real_score": Frozen(self._mmdit, init=mmdit_init(cfg, s.real_score_init)),
+            "fake_score": Trained(self._mmdit, init=mmdit_init(cfg, s.fake_score_init)),
+            "generator": Trained(self._mmdit, overrides=generator_overrides, init=generator_init,
+                                 mask=lambda c, p: self.trainable_mask(c, "generator", p)),
+        }
 
-    def build_frozen(self, cfg, rngs):
-        return {"real_score": self._mmdit(cfg, rngs)}
+    def updates(self, cfg: Config):
+        return (Update(("fake_score",), self._update_loss("fake_score"), repeat=self.settings.fake_updates,
+                       name="fake_score"),
+                Update(("generator",), self._update_loss("generator"), name="generator"))
 
-    def trainable_mask(self, cfg, name, abstract_params):
-        return super().trainable_mask(cfg, name, abstract_params) if name == "generator" else None
-
-    def _group_losses(self, models, batch, null, key, g: LossGroup):
+    def _group_losses(self, models, batch, null, key, g: LossGroup, which: tuple[str, ...]):
         gen, fake, real = (_sharded_model(models[k]) for k in ("generator", "fake_score", "real_score"))
         sch = self.schedule
         s, S, fpu = g.stage, sch.num_stages, sch.frames_per_unit
@@ -704,31 +729,33 @@ class DMDPlanStage(FlowMatchingStage):
             tl = tau_l.reshape(B, 1, 1, 1, 1)
             return tl * y_start + (1.0 - tl) * y_end, y_start - y_end, sch.timestep(s, tau_l)
 
-        levels = jnp.asarray(self.TAU_LEVELS, jnp.float32)
-        tau = levels[jnp.minimum((u[0] * len(self.TAU_LEVELS)).astype(jnp.int32), len(self.TAU_LEVELS) - 1)]
-        x_tau, flow_target, t_tau = renoise(z_hat, tau)
+        out = {}
+        if "generator" in which:
+            levels = jnp.asarray(self.TAU_LEVELS, jnp.float32)
+            tau = levels[jnp.minimum((u[0] * len(self.TAU_LEVELS)).astype(jnp.int32), len(self.TAU_LEVELS) - 1)]
+            x_tau, flow_target, t_tau = renoise(z_hat, tau)
+            w_cfg = self.cfg_scales[0] if g.unit == 0 else self.cfg_scales[1]
+            both = TextCondition(*(jnp.concatenate([n, c]) for n, c in zip(null, cond)))
+            dup = lambda x: jnp.concatenate([x, x])  # noqa: E731
+            v_r = real([dup(h) for h in hist] + [dup(x_tau)], *both, dup(t_tau))
+            v_real = jax.lax.stop_gradient(v_r[B:] + w_cfg * (v_r[B:] - v_r[:B]))
+            v_fake = jax.lax.stop_gradient(fake(hist + [x_tau], *cond, t_tau))
+            weight = 1.0 / (jnp.mean(jnp.abs(v_real - jax.lax.stop_gradient(flow_target)), axis=(1, 2, 3, 4),
+                                     keepdims=True) + 1e-6)
+            target = jax.lax.stop_gradient(z_hat - weight * (v_real - v_fake))
+            dmd = 0.5 * jnp.mean(jnp.square(z_hat - target), axis=(1, 2, 3, 4))
+            reg = jnp.log1p(jnp.mean(jnp.square(z_hat - cur[s]), axis=(1, 2, 3, 4)))
+            out["generator"] = dmd + 0.5 * reg
+        if "fake_score" in which:
+            # Flow matching on the detached generator sample at a uniform level.
+            x_f, target_f, t_f = renoise(jax.lax.stop_gradient(z_hat), u[1])
+            v_f = fake(hist + [x_f], *cond, t_f)
+            out["fake_score"] = jnp.mean(jnp.square(v_f - target_f), axis=(1, 2, 3, 4))
+        return out
 
-        w_cfg = self.cfg_scales[0] if g.unit == 0 else self.cfg_scales[1]
-        both = TextCondition(*(jnp.concatenate([n, c]) for n, c in zip(null, cond)))
-        dup = lambda x: jnp.concatenate([x, x])  # noqa: E731
-        v_r = real([dup(h) for h in hist] + [dup(x_tau)], *both, dup(t_tau))
-        v_real = jax.lax.stop_gradient(v_r[B:] + w_cfg * (v_r[B:] - v_r[:B]))
-        v_fake = jax.lax.stop_gradient(fake(hist + [x_tau], *cond, t_tau))
-        weight = 1.0 / (jnp.mean(jnp.abs(v_real - jax.lax.stop_gradient(flow_target)), axis=(1, 2, 3, 4),
-                                 keepdims=True) + 1e-6)
-        target = jax.lax.stop_gradient(z_hat - weight * (v_real - v_fake))
-        dmd = 0.5 * jnp.mean(jnp.square(z_hat - target), axis=(1, 2, 3, 4))
-        reg = jnp.log1p(jnp.mean(jnp.square(z_hat - cur[s]), axis=(1, 2, 3, 4)))
-        gen_loss = dmd + 0.5 * reg
-
-        # Fake score: flow matching on the detached generator sample at a uniform level.
-        x_f, target_f, t_f = renoise(jax.lax.stop_gradient(z_hat), u[1])
-        v_f = fake(hist + [x_f], *cond, t_f)
-        fake_loss = jnp.mean(jnp.square(v_f - target_f), axis=(1, 2, 3, 4))
-        return gen_loss, fake_loss
-
-    def loss_fns(self, trainable, frozen, batch, rng):
-        split = {k: nnx.split(m, nnx.Param, ...) for k, m in trainable.items()}
+    def _loss_fns(self, models, batch, rng, which: tuple[str, ...]):
+        """``(variants, loss_for, params, plan_key)`` for the roles ``which`` (the others are constants)."""
+        split = {k: nnx.split(models[k], nnx.Param, ...) for k in which}
         params = {k: p for k, (_, p, _) in split.items()}
         b = jnp.shape(batch["latents"])[0]
         cond = TextCondition(batch["text_tokens"], batch["text_mask"], batch["pooled"])
@@ -739,31 +766,40 @@ class DMDPlanStage(FlowMatchingStage):
         else:
             null1 = null_text_condition(TextCondition(*(x[:1] for x in cond)))
         k_plan, k_loss = jax.random.split(rng)
+        constants = {k: m for k, m in models.items() if k not in which}
 
         def loss_for(groups):
             def run(p):
-                models = {k: nnx.merge(g, p[k], r) for k, (g, _, r) in split.items()}
-                if self.trainable_blocks is not None:
-                    _stop_gradient_where(models["generator"], self.is_trainable)
-                models.update(frozen)
-                gl, fl = [], []
+                mods = {k: nnx.merge(g, p[k], r) for k, (g, _, r) in split.items()}
+                if self.trainable_blocks is not None and "generator" in mods:
+                    _stop_gradient_where(mods["generator"], self.is_trainable)
+                mods.update(constants)
+                per: dict[str, list] = {k: [] for k in which}
                 for gi, g in enumerate(groups):
                     n = len(g.indices)
                     null = TextCondition(*(jnp.broadcast_to(v, (n,) + v.shape[1:]).astype(c.dtype)
                                            for v, c in zip(null1, cond)))
-                    a, f = self._group_losses(models, batch, null, jax.random.fold_in(k_loss, gi), g)
-                    gl.append(a)
-                    fl.append(f)
-                return {"generator": jnp.mean(jnp.concatenate(gl)), "fake_score": jnp.mean(jnp.concatenate(fl))}, {}
+                    for k, v in self._group_losses(mods, batch, null, jax.random.fold_in(k_loss, gi), g, which).items():
+                        per[k].append(v)
+                return {k: jnp.mean(jnp.concatenate(v)) for k, v in per.items()}, {}
 
             return run
 
         return self.variants(b), loss_for, params, k_plan
 
+    def loss_fns(self, trainable, frozen, batch, rng):
+        """Both trained roles' losses in one pass (``activation_bytes``: what a step keeps for backward)."""
+        return self._loss_fns({**trainable, **frozen}, batch, rng, ("generator", "fake_score"))
+
+    def _update_loss(self, role: str):
+        def loss(models: Models, batch, rng):
+            variants, loss_for, params, k_plan = self._loss_fns(models, batch, rng, (role,))
+            (losses, metrics), _ = switch_value_and_grad(variants, k_plan, loss_for, params)
+            return losses[role], metrics
+
+        return loss
+
     def loss(self, trainable, frozen, batch, rng):
         variants, loss_for, params, k_plan = self.loss_fns(trainable, frozen, batch, rng)
         (losses, metrics), _ = switch_value_and_grad(variants, k_plan, loss_for, params)
         return losses, metrics
-
-
-register_stage("dmd_plan", DMDPlanStage)

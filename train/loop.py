@@ -51,6 +51,15 @@ class RunResult:
     time_limited: bool = False
 
 
+def with_stage_settings(cfg: Config, stage) -> Config:
+    """``cfg`` with the stage's settings in force stored under ``stages.<name>``, so ``config.json`` and every
+    checkpoint record them (a stage's own arguments may differ from ``cfg.stages``)."""
+    settings = getattr(stage, "settings", None)
+    if settings is None or isinstance(settings, type) or not dataclasses.is_dataclass(settings):
+        return cfg
+    return dataclasses.replace(cfg, stages=cfg.stages.with_settings(stage.name, settings))
+
+
 def checkpoint_dir(cfg: Config) -> Path:
     return Path(cfg.checkpoint.directory or Path(cfg.train.output_dir) / "checkpoints")
 
@@ -71,6 +80,7 @@ def run(
     if cfg.train.time_limit_s < 0:
         raise ValueError(f"train.time_limit_s must be >= 0 (0 = no limit), got {cfg.train.time_limit_s}")
     stage = stage or stages_lib.get_stage(cfg.train.stage, cfg)
+    cfg = with_stage_settings(cfg, stage)
     mesh = mesh or make_mesh(cfg.mesh)
     gb = cfg.train.global_batch
     out_dir = Path(cfg.train.output_dir)

@@ -10,9 +10,12 @@ the batch it consumes and where that batch comes from. The engine (``train.state
   MMDiT}``, ``loss`` returns a dict ``{"generator": L_g, "fake_score": L_f}`` so each trained model gets the
   gradient of its own loss; ``load_weights`` fills all three from the teacher checkpoint.
 
-Stages register under a name (``@register_stage("name")`` in their module, or lazily as
-``register_stage("name", "package.module:Factory")``); ``get_stage`` also accepts ``"package.module:Factory"``
-directly and, for an unregistered ``name``, imports ``train.<name>`` (which registers itself on import).
+Stages are listed in ``train/registry.py`` (name, module path, one-line help; out-of-tree stages use
+``@register_stage("name", settings=...)``); ``get_stage`` also accepts ``"package.module:Factory"`` directly
+and, for an unregistered ``name``, imports ``train.<name>`` (which may register itself on import). A stage
+declares its roles and updates as ``train.roles`` describes (or, the older form, ``build_trainable`` /
+``build_frozen``), and its typed settings as the class attribute ``settings_class`` (a frozen dataclass,
+read from ``cfg.stages.<name>``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from neodragon_jax.config import Config
 from neodragon_jax.config.train_schema import OptimConfig
 from neodragon_jax.layers.core import RMSNorm, as_dtype, dense
 from neodragon_jax.sharding import constrain
+from train import registry
+from train.registry import NoSettings  # noqa: F401 - re-exported
 
 Batch = Mapping[str, Any]
 
@@ -89,53 +94,56 @@ class Stage(Protocol):
         ...
 
 
-_REGISTRY: dict[str, Callable[[Config], Stage] | str] = {}
+def register_stage(name: str, factory: Callable[[Config], Stage] | str | None = None, *, settings: type | None = None,
+                   help: str = "", plan_only: bool = False):
+    """Register ``factory(cfg) -> Stage`` under ``name`` (usable as a decorator, or with a lazy
+    ``"package.module:Factory"`` path). The stages of this repository are listed in ``train/registry.py``
+    instead, so ``neodragon train --help`` names them without importing them."""
 
-
-def register_stage(name: str, factory: Callable[[Config], Stage] | str | None = None):
-    """Register ``factory(cfg) -> Stage`` under ``name``; usable as a decorator or with a lazy import path."""
-    if factory is not None:
-        _REGISTRY[name] = factory
-        return factory
-
-    def deco(f):
-        _REGISTRY[name] = f
+    def add(f):
+        old = registry.get(name)
+        registry.add(registry.StageEntry(name, f, help or (old.help if old else ""),
+                                         plan_only or (old.plan_only if old else False), settings))
         return f
 
-    return deco
+    return add(factory) if factory is not None else add
 
 
-def _load_path(path: str):
-    module, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module), attr)
+def available_stages(*, trainable_only: bool = False) -> list[str]:
+    return registry.names(trainable_only=trainable_only)
 
 
-def available_stages() -> list[str]:
-    return sorted(_REGISTRY)
+def stage_settings(cfg: Config, name: str):
+    """``cfg.stages.<name>``: the stage's typed settings (its class defaults unless set)."""
+    return cfg.stages.get_settings(name)
 
 
 def get_stage(name: str, cfg: Config) -> Stage:
     """Instantiate the stage ``name`` (registered, ``train.<name>`` module, or ``pkg.module:Factory``)."""
-    factory = _REGISTRY.get(name)
-    if factory is None and ":" in name:
-        factory = _load_path(name)
-    if factory is None:
+    entry = registry.get(name)
+    factory = None
+    if entry is None and ":" in name:
+        factory = registry.load_path(name)
+    if entry is None and factory is None:
         try:
             importlib.import_module(f"train.{name}")
         except ModuleNotFoundError as e:
             if e.name != f"train.{name}":
                 raise
-        factory = _REGISTRY.get(name)
-    if factory is None:
+        entry = registry.get(name)
+    if entry is None and factory is None:
         raise ValueError(
-            f"unknown training stage {name!r}; registered stages: {available_stages()} (a stage module "
-            f"train/<name>.py registers itself with @register_stage('<name>'))"
+            f"unknown training stage {name!r}; registered stages: {available_stages(trainable_only=True)} (a stage "
+            f"is its module train/<name>.py plus one StageEntry line in train/registry.py)"
         )
-    if isinstance(factory, str):
-        factory = _load_path(factory)
+    if factory is None:
+        factory = registry.factory_of(entry)
     stage = factory(cfg)
-    missing = [m for m in ("build_trainable", "build_frozen", "loss", "example_batch", "batch_logical_axes")
-               if not callable(getattr(stage, m, None))]
+    if entry is not None and entry.plan_only and not getattr(stage, "plan_only", False):
+        stage.plan_only = True
+    missing = [m for m in ("loss", "example_batch", "batch_logical_axes") if not callable(getattr(stage, m, None))]
+    if not hasattr(stage, "roles"):
+        missing += [m for m in ("build_trainable", "build_frozen") if not callable(getattr(stage, m, None))]
     if missing:
         raise TypeError(f"stage {name!r} lacks {missing}; see train.stages.Stage")
     return stage
@@ -243,8 +251,4 @@ class ToyStage:
         return {"x": x, "y": np.sin(x @ a).astype(np.float32)}
 
 
-register_stage("toy", ToyStage)
-# Stages whose module name differs from the stage name register lazily (a fresh process, e.g. the plan
-# subprocess, resolves them without importing every stage module).
-register_stage("flow", "train.flow_matching:FlowMatchingStage")
-register_stage("dmd_plan", "train.flow_matching:DMDPlanStage")
+# Every stage of this repository (toy included) is listed in train/registry.py.

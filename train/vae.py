@@ -70,7 +70,7 @@ from flax import nnx
 from neodragon_jax.config import Config
 from neodragon_jax.layers.core import as_dtype
 from neodragon_jax.models.vae import CausalVideoVAE
-from train.stages import register_stage
+from train.roles import RoleStage, Trained
 
 log = logging.getLogger(__name__)
 
@@ -244,20 +244,51 @@ class VAELossWeights:
     kl: float = 1e-6
 
 
-class VAEStage:
+@dataclasses.dataclass(frozen=True)
+class VAESettings:
+    """``cfg.stages.vae`` (``--set stages.vae.crop=32``); :class:`VAEStage`'s keyword arguments win over them."""
+
+    clip_frames: int = 0           # frames of a training clip; 0 = video.num_frames
+    crop: int = 0                  # square crop side in pixels; 0 = whole frames
+    crops_per_clip: int = 16       # distinct crops per clip (with crops)
+    mse_weight: float = 1.0
+    ssim_weight: float = 0.2
+    kl_weight: float = 1e-6
+    logvar_init: float | None = -16.0  # posterior log-variance bias at init; none = the official init
+    kernel_init: str = "lecun"     # "inflated", "lecun" or "official" (module docstring)
+    zero_init_residual: bool = False
+
+
+_UNSET = object()
+
+
+class VAEStage(RoleStage):
     """Reconstruction training of ``CausalVideoVAE`` with the native decoder (see the module docstring).
 
     ``clip_frames`` (default ``cfg.video.num_frames``) and ``crop`` (square crop side; default: whole
     frames) set the training clip; ``cache_dir`` holds the decoded-clip cache of a video folder (default
-    ``<train.output_dir>/clip_cache``).
+    ``<train.output_dir>/clip_cache``). Every option defaults to ``cfg.stages.vae`` (:class:`VAESettings`);
+    ``self.settings`` holds the ones in force (recorded in the run's config and checkpoints).
     """
 
     name = "vae"
+    settings_class = VAESettings
 
     def __init__(self, cfg: Config, *, clip_frames: int | None = None, crop: int | None = None,
-                 crops_per_clip: int = 16, weights: VAELossWeights = VAELossWeights(),
-                 logvar_init: float | None = -16.0, kernel_init: str = "lecun", zero_init_residual: bool = False,
-                 cache_dir: str | os.PathLike | None = None, progress: bool = True):
+                 crops_per_clip: int | None = None, weights: VAELossWeights | None = None,
+                 logvar_init: float | None = _UNSET, kernel_init: str | None = None,
+                 zero_init_residual: bool | None = None, cache_dir: str | os.PathLike | None = None,
+                 progress: bool = True):
+        s = cfg.stages.get_settings(self.name)
+        given = {"clip_frames": clip_frames, "crop": crop, "crops_per_clip": crops_per_clip,
+                 "kernel_init": kernel_init, "zero_init_residual": zero_init_residual}
+        if weights is not None:
+            given.update(mse_weight=weights.mse, ssim_weight=weights.ssim, kl_weight=weights.kl)
+        if logvar_init is not _UNSET:
+            s = dataclasses.replace(s, logvar_init=logvar_init)
+        s = dataclasses.replace(s, **{k: v for k, v in given.items() if v is not None})
+        self.settings = s
+        clip_frames, crop, crops_per_clip = s.clip_frames or None, s.crop or None, s.crops_per_clip
         self.clip_frames = int(clip_frames or cfg.video.num_frames)
         self.crop = None if crop is None or (crop >= cfg.video.height and crop >= cfg.video.width) else int(crop)
         if self.crop is None and self.clip_frames == cfg.video.num_frames:
@@ -266,19 +297,22 @@ class VAEStage:
         if crops_per_clip < 1:
             raise ValueError(f"crops_per_clip must be >= 1, got {crops_per_clip}")
         self.crops_per_clip = int(crops_per_clip)
-        self.weights = weights
-        self.logvar_init = logvar_init
-        if kernel_init not in KERNEL_INITS:
-            raise ValueError(f"kernel_init must be one of {', '.join(map(repr, KERNEL_INITS))}, got {kernel_init!r}")
-        self.kernel_init = kernel_init
-        self.zero_init_residual = bool(zero_init_residual)
+        self.weights = VAELossWeights(s.mse_weight, s.ssim_weight, s.kl_weight)
+        self.logvar_init = s.logvar_init
+        if s.kernel_init not in KERNEL_INITS:
+            raise ValueError(f"kernel_init must be one of {', '.join(map(repr, KERNEL_INITS))}, got {s.kernel_init!r}")
+        self.kernel_init = s.kernel_init
+        self.zero_init_residual = bool(s.zero_init_residual)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else Path(cfg.train.output_dir) / "clip_cache"
         self.progress = progress
         self._clips = None
         self._lock = threading.Lock()
 
     # -- models ------------------------------------------------------------------------------------------
-    def build_trainable(self, cfg: Config, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
+    def roles(self, cfg: Config):
+        return {"vae": Trained(self._vae)}
+
+    def _vae(self, cfg: Config, rngs: nnx.Rngs) -> CausalVideoVAE:
         vae = CausalVideoVAE(cfg.model.vae, decoder="native", dtype=as_dtype(cfg.precision.dtype),
                              param_dtype=as_dtype(cfg.precision.param_dtype), rngs=rngs)
         if self.kernel_init != "official":
@@ -311,10 +345,7 @@ class VAEStage:
             bias = vae.quant_conv.conv.bias
             half = bias.shape[0] // 2  # quant_conv output channels = mean || logvar
             bias[...] = bias[...].at[half:].set(self.logvar_init)
-        return {"vae": vae}
-
-    def build_frozen(self, cfg: Config, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
-        return {}
+        return vae
 
     # -- loss --------------------------------------------------------------------------------------------
     def loss(self, trainable, frozen, batch, rng):
@@ -375,8 +406,6 @@ class VAEStage:
         return {"video": to_model_video(clip[t0:t0 + f, y0:y0 + h, x0:x0 + w])}
 
 
-register_stage("vae", VAEStage)
-
 
 # ------------------------------------------------------------------------------------ after training
 @functools.partial(jax.jit, static_argnums=0)
@@ -436,6 +465,6 @@ def latent_normalisation(vae: CausalVideoVAE, videos: np.ndarray, *, batch_size:
 
 
 __all__ = [
-    "ClipCache", "RenderedClips", "VAELossWeights", "VAEStage", "kl_to_standard_normal", "latent_normalisation",
+    "ClipCache", "RenderedClips", "VAELossWeights", "VAESettings", "VAEStage", "kl_to_standard_normal", "latent_normalisation",
     "psnr", "reconstruct", "ssim", "to_model_video",
 ]

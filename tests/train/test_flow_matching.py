@@ -288,11 +288,14 @@ def test_dmd_plan_stage_traces_two_trained_and_one_frozen_model():
 
     batch = stage.example_batch(cfg, 4)
     a = setup.abstract_state
-    loss, metrics, grads = jax.eval_shape(
-        lambda p, r, f, b: make_grad_fn(setup)(p, r, f, b, jax.random.key(0)),
-        a["params"], a["model_state"], setup.abstract_frozen, batch)
-    assert loss.shape == () and {"loss/generator", "loss/fake_score"} <= set(metrics)
-    assert jax.tree.structure(grads) == jax.tree.structure(a["params"])
+    # One update per trained model (fake score, then generator), each with its own loss and gradient.
+    for update in setup.updates:
+        loss, metrics, grads = jax.eval_shape(
+            lambda p, r, f, b, u=update: make_grad_fn(setup, u)(p, r, f, b, jax.random.key(0)),
+            a["params"], a["model_state"], setup.abstract_frozen, batch)
+        (role,) = update.roles
+        assert loss.shape == () and set(grads) == {role}
+        assert jax.tree.structure(grads[role]) == jax.tree.structure(a["params"][role])
 
 
 def test_scanned_blocks_take_the_same_sharded_step_as_the_unrolled_loop(tmp_path):
