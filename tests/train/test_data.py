@@ -104,3 +104,50 @@ def test_global_batch_assembly_is_sharded():
     assert batch["x"].shape == (8, stage.seq, stage.dim)
     assert len(batch["x"].sharding.device_set) == 8 and batch["x"].sharding.shard_shape(batch["x"].shape)[0] == 1
     np.testing.assert_array_equal(jax.device_get(batch["y"]), local["y"])
+
+
+def test_grain_pipeline_resumed_mid_epoch_gives_the_same_batches():
+    """The position saved after 2 batches of a 13-record epoch (through the JSON the checkpoint stores)
+    resumes, in a fresh iterator with its own prefetch threads, on exactly the batches an uninterrupted run
+    reads next, across the epoch boundary; each of 2 hosts reads its half of them."""
+    whole = DataIterator(_Counter(13), ["i"], 4, seed=5)
+    _take(whole, 2)
+    state = json.loads(json.dumps(whole.get_state()))
+    assert state["samples_seen"] == 8 and state["grain"] == {"next_index": 2}
+    uninterrupted = _take(whole, 5)
+    resumed = DataIterator(_Counter(13), ["i"], 4, seed=5)
+    resumed.set_state(state)
+    assert _take(resumed, 5) == uninterrupted
+    hosts = [DataIterator(_Counter(13), ["i"], 4, seed=5, process_index=p, process_count=2) for p in range(2)]
+    for h in hosts:
+        h.set_state(state)
+    assert [a + b for a, b in zip(_take(hosts[0], 5), _take(hosts[1], 5))] == uninterrupted
+    # A position written before the grain pipeline (samples_seen only) is the same position.
+    old = DataIterator(_Counter(13), ["i"], 4, seed=5)
+    old.set_state({"samples_seen": 8, "seed": 5})
+    assert _take(old, 5) == uninterrupted
+    with pytest.raises(ValueError, match="batches of 4, this run reads batches of 8"):
+        DataIterator(_Counter(13), ["i"], 8, seed=5).set_state(state)
+    for it in [whole, resumed, old, *hosts]:
+        it.close()
+
+
+def test_prompt_corpus_and_video_clips_sources(tmp_path):
+    from neodragon_jax.config import load_config
+    from neodragon_jax.data.synthetic import write_dataset
+    from train.data import PromptCorpus, VideoClips
+
+    (tmp_path / "prompts.txt").write_text("a red circle\n\n a blue square \n")
+    assert [PromptCorpus(tmp_path / "prompts.txt")[i]["text"].item() for i in range(2)] == ["a red circle",
+                                                                                             "a blue square"]
+    folder = write_dataset(tmp_path / "data", n=3, seed=0, num_frames=9, progress=False)
+    (folder / "videos" / "000001.mp4").write_bytes(b"not a video")
+    corpus = PromptCorpus(folder)
+    batch = next(DataIterator(corpus, ["text"], 3, shuffle=False, prefetch=0))
+    assert batch["text"].tolist() == corpus.texts
+    clips = VideoClips(folder, load_config("tiny", ["video.num_frames=9"]))
+    got = next(DataIterator(clips, ["video", "text"], 3, shuffle=False, prefetch=0))
+    # The unreadable clip 1 is replaced by clip 2 (positions stay fixed) and counted as today.
+    assert got["video"].shape == (3, 3, 9, 64, 64) and got["text"].tolist() == [corpus.texts[0], corpus.texts[2],
+                                                                                 corpus.texts[2]]
+    assert clips.stats.as_dict()["data/videos_corrupt"] >= 1
