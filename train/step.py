@@ -186,9 +186,11 @@ def jit_train_step(setup: TrainSetup, global_batch: int | None = None):
 
 
 def jit_grad_fn(setup: TrainSetup, global_batch: int | None = None):
-    """Jitted ``(state, frozen, batch) -> (loss, metrics, grads)`` for the current step (parity tests)."""
+    """Jitted ``(state, frozen, batch) -> (loss, metrics, grads)`` of the stage's first update for the current
+    step (parity tests)."""
     _, batch_sh = batch_sharding_tree(setup, global_batch)
-    grad_fn = make_grad_fn(setup)
+    update = setup.updates[0]
+    grad_fn = make_grad_fn(setup, update)
 
     def fn(state, frozen, batch):
         return grad_fn(state["params"], state["model_state"], frozen, batch, step_rng(setup.cfg, state["step"]))
@@ -196,7 +198,8 @@ def jit_grad_fn(setup: TrainSetup, global_batch: int | None = None):
     return jax.jit(
         fn,
         in_shardings=(setup.state_shardings, setup.frozen_shardings, batch_sh),
-        out_shardings=(setup.replicated, setup.replicated, setup.state_shardings["params"]),
+        out_shardings=(setup.replicated, setup.replicated,
+                       {n: setup.state_shardings["params"][n] for n in update.roles}),
     )
 
 
