@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 RANDOM_WEIGHTS_WARNING = (
-    "WARNING: no checkpoint given - running on RANDOM weights. The pipeline runs end to end, but the video "
-    "is noise. Pass --checkpoint DIR (an official Neodragon / Pyramid Flow folder) for real videos."
+    "WARNING: --random-weights - running on RANDOM weights. The pipeline runs end to end, but the video is "
+    "noise. Leave it out for the shipped model, or pass --checkpoint DIR (an official Neodragon / Pyramid Flow "
+    "folder)."
 )
 
 
@@ -30,11 +31,18 @@ class UsageError(Exception):
 def add_arguments(p) -> None:
     p.add_argument("prompt", nargs="?", default=None, help="the text prompt (or use --prompts-file)")
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
-    p.add_argument("--config", default="tiny", help="preset name or .toml path (default: tiny)")
+    p.add_argument("--model", default=None,
+                   help="a shipped release (default: the newest, tiny-teacher); see `neodragon generate --list`")
+    p.add_argument("--config", default=None,
+                   help="preset name or .toml path, with --checkpoint or --random-weights (default: tiny); a "
+                        "shipped release brings its own")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted config override, repeatable (e.g. --set sampling.first_unit_cfg=5)")
     p.add_argument("--checkpoint", default=None,
-                   help="folder in the official Neodragon / Pyramid Flow layout (default: random weights)")
+                   help="folder in the official Neodragon / Pyramid Flow layout (instead of a shipped release)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="random weights with --config's shapes: the pipeline end to end, the video is noise")
+    p.add_argument("--list", action="store_true", help="list the shipped releases with their scores and exit")
     p.add_argument("--transformer", default=None,
                    help="transformer folder inside --checkpoint (e.g. diffusion_transformer_320p_multistep_t2v)")
     p.add_argument("--schedule", default=None,
@@ -76,6 +84,46 @@ def _out_paths(out: Path, index: int, many: bool) -> dict[str, Path]:
         "png": base.with_name(stem + "_frames.png"),
         "json": base.with_suffix(".json"),
     }
+
+
+def _model_source(args):
+    """``(release or None, config)`` from ``--model`` / ``--checkpoint`` / ``--random-weights`` (one of them;
+    none means the default release)."""
+    from neodragon_jax.config import load_config
+    from neodragon_jax.releases import DEFAULT_RELEASE, get_release
+
+    given = [flag for flag, on in (("--model", args.model), ("--checkpoint", args.checkpoint),
+                                   ("--random-weights", args.random_weights)) if on]
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)} exclude each other: pick a shipped release (--model), an official "
+                         f"folder (--checkpoint) or random weights (--random-weights)")
+    if args.checkpoint or args.random_weights:
+        return None, load_config(args.config or "tiny", args.overrides)
+    if args.config is not None:
+        raise UsageError("--config goes with --checkpoint or --random-weights: a shipped release (--model) brings "
+                         "its own config (change e.g. its sampling with --set)")
+    release = get_release(args.model or DEFAULT_RELEASE)
+    return release, release.config(args.overrides)
+
+
+def _list_releases() -> int:
+    from neodragon_jax.releases import DEFAULT_RELEASE, available_releases, get_release
+
+    names = available_releases()
+    if not names:
+        print("no shipped releases in this installation")
+        return 0
+    for name in names:
+        rec = get_release(name).record
+        default = " (default)" if name == DEFAULT_RELEASE else ""
+        print(f"{name}{default}: {rec.get('description', '')}")
+        for schedule, sc in (rec.get("scores") or {}).items():
+            acc = sc.get("accuracy", {})
+            chance = sc.get("chance", {})
+            print(f"  {schedule}: " + ", ".join(
+                f"{a} {acc[a]:.2f} (chance {chance[a]:.2f})" if a in chance else f"{a} {acc[a]:.2f}"
+                for a in ("colour", "motion", "shape", "background") if a in acc))
+    return 0
 
 
 def _frames(requested: int | None, cfg) -> int:
@@ -142,16 +190,20 @@ class _Interrupted(Exception):
 
 
 def run(args) -> int:
-    from neodragon_jax.config import ConfigError, load_config
+    from neodragon_jax.config import ConfigError
     from neodragon_jax.data.video_io import check_writable
     from neodragon_jax.pipelines.text_to_video import ScheduleError, parse_cfg_scales, parse_schedule
 
+    from neodragon_jax.releases import ReleaseError
+
+    if args.list:
+        return _list_releases()
     try:
         prompts = _prompts(args)
         out = Path(args.out)
         if out.suffix.lower() != ".mp4":
             raise UsageError(f"--out must end in .mp4, got {str(out)!r} (the gif, PNG and JSON go beside it)")
-        cfg = load_config(args.config, args.overrides)
+        release, cfg = _model_source(args)
         for path in _out_paths(out, 0, len(prompts) > 1).values():
             check_writable(path)
         first = later = None
@@ -161,7 +213,7 @@ def run(args) -> int:
         if args.schedule and args.cfg is None and set(first) == {1} and set(later) == {1}:
             scales = (0.0, 0.0)  # distilled 1-1-1 runs without guidance (spec §3.6)
         frames = _frames(args.frames, cfg)
-    except (UsageError, ScheduleError, OSError) as e:
+    except (UsageError, ScheduleError, OSError, ReleaseError) as e:
         return _fail(e)
     except ConfigError as e:
         return _fail(f"config error: {e}")
@@ -171,7 +223,7 @@ def run(args) -> int:
 
     written: list[Path] = []
     try:
-        return _generate(args, cfg, prompts, out, frames, first, later, scales, written)
+        return _generate(args, release, cfg, prompts, out, frames, first, later, scales, written)
     except (_Interrupted, KeyboardInterrupt) as e:
         sys.stdout.flush()
         print(f"\nneodragon generate: interrupted (Ctrl-C); {len(written)} of {len(prompts)} video(s) written"
@@ -183,21 +235,29 @@ def run(args) -> int:
         return 130
 
 
-def _generate(args, cfg, prompts, out, frames, first, later, scales, written: list[Path]) -> int:
+def _generate(args, release, cfg, prompts, out, frames, first, later, scales, written: list[Path]) -> int:
     from neodragon_jax.config import ConfigError, to_dict
     from neodragon_jax.convert.io import CheckpointNotFoundError, CheckpointReadError
     from neodragon_jax.convert.keymap import CheckpointMismatchError
     from neodragon_jax.pipelines.text_to_video import GenerationRequest, ScheduleError, TextToVideoPipeline
+    from neodragon_jax.releases import ReleaseError
 
     t0 = time.perf_counter()
     try:
-        if args.checkpoint:
+        if release is not None:
+            def load():
+                release.verify()
+                return TextToVideoPipeline.from_official(release.folder, cfg, transformer=release.transformer)
+
+            pipe = _in_worker(load)
+            pipe.source = f"shipped release {release.name!r} ({release.folder})"
+        elif args.checkpoint:
             pipe = _in_worker(lambda: TextToVideoPipeline.from_official(args.checkpoint, cfg,
                                                                         transformer=args.transformer))
         else:
             print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
             pipe = _in_worker(lambda: TextToVideoPipeline.random(cfg, seed=args.seed))
-    except (CheckpointNotFoundError, CheckpointReadError) as e:
+    except (CheckpointNotFoundError, CheckpointReadError, ReleaseError) as e:
         return _fail(e)
     except ConfigError as e:  # the preset contradicts the checkpoint's config.json
         return _fail(e)

@@ -41,7 +41,7 @@ def test_schedule_parsing():
 @pytest.mark.slow
 def test_generate_writes_playable_video_gif_sheet_and_sidecar(tmp_path, capsys):
     out = tmp_path / "out" / "clip.mp4"
-    rc = main(["generate", "a red circle moving left on a black background", "--config", "tiny",
+    rc = main(["generate", "a red circle moving left on a black background", "--config", "tiny", "--random-weights",
                "--schedule", "1-1-1", "--frames", "9", "--seed", "3", "--out", str(out), "--no-progress"])
     assert rc == 0
     err = capsys.readouterr().err
@@ -70,7 +70,7 @@ def test_generate_writes_playable_video_gif_sheet_and_sidecar(tmp_path, capsys):
     ],
 )
 def test_generate_bad_input_is_refused_clearly(tmp_path, capsys, args, message):
-    rc = main(["generate", "p", "--config", "tiny", "--out", str(tmp_path / "v.mp4"), "--no-progress", *args])
+    rc = main(["generate", "p", "--config", "tiny", "--random-weights", "--out", str(tmp_path / "v.mp4"), "--no-progress", *args])
     assert rc == 2
     assert message in capsys.readouterr().err
 
@@ -78,7 +78,7 @@ def test_generate_bad_input_is_refused_clearly(tmp_path, capsys, args, message):
 def test_unwritable_output_is_refused_before_any_work(tmp_path, capsys, no_model):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    rc = main(["generate", "p", "--config", "tiny", "--out", str(blocker / "v.mp4")])
+    rc = main(["generate", "p", "--config", "tiny", "--random-weights", "--out", str(blocker / "v.mp4")])
     assert rc == 2
     assert "cannot create the output folder" in capsys.readouterr().err
     # issue 23 item 4: exit status 2 like every other usage error (it was SystemExit(1) with the message)
@@ -126,14 +126,14 @@ def stub(monkeypatch):
                                             ("10", "1 + 8k video frames")])
 def test_frames_are_refused_before_any_model_work(tmp_path, capsys, no_model, frames, message):
     """--frames 0 used to write the default length; 10 was refused only after the model was built."""
-    rc = main(["generate", "p", "--config", "tiny", "--out", str(tmp_path / "v.mp4"), "--frames", frames])
+    rc = main(["generate", "p", "--config", "tiny", "--random-weights", "--out", str(tmp_path / "v.mp4"), "--frames", frames])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "v.mp4").exists()
 
 
 def test_long_video_warns_with_its_cost(tmp_path, capsys, stub):
-    rc = main(["generate", "p", "--config", "tiny", "--out", str(tmp_path / "v.mp4"), "--frames", "25",
+    rc = main(["generate", "p", "--config", "tiny", "--random-weights", "--out", str(tmp_path / "v.mp4"), "--frames", "25",
                "--schedule", "1-1-1", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 0
@@ -141,7 +141,7 @@ def test_long_video_warns_with_its_cost(tmp_path, capsys, stub):
     assert "4 latent frames in 4 units x 3 stages = 12 model calls and 12 step compilations" in err
     assert read_video(tmp_path / "v.mp4")[0].shape[0] == 25
     capsys.readouterr()
-    assert main(["generate", "p", "--config", "tiny", "--out", str(tmp_path / "w.mp4"), "--frames", "9",
+    assert main(["generate", "p", "--config", "tiny", "--random-weights", "--out", str(tmp_path / "w.mp4"), "--frames", "9",
                  "--no-progress"]) == 0
     assert "above the" not in capsys.readouterr().err
 
@@ -149,7 +149,7 @@ def test_long_video_warns_with_its_cost(tmp_path, capsys, stub):
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
 def test_output_in_proc_is_refused_before_any_work(capsys, no_model):
     """/proc passed os.access (root), the video was generated and then lost in a traceback."""
-    rc = main(["generate", "p", "--config", "tiny", "--out", "/proc/x.mp4"])
+    rc = main(["generate", "p", "--config", "tiny", "--random-weights", "--out", "/proc/x.mp4"])
     err = capsys.readouterr().err
     assert rc == 2 and "cannot write files in the output folder '/proc'" in err
 
@@ -168,7 +168,7 @@ def test_video_that_cannot_be_written_is_rescued(tmp_path, capsys, stub, monkeyp
     monkeypatch.setattr(vio, "write_gif", full_disk)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    rc = main(["generate", "p", "--config", "tiny", "--out", str(tmp_path / "out" / "v.mp4"), "--frames", "9",
+    rc = main(["generate", "p", "--config", "tiny", "--random-weights", "--out", str(tmp_path / "out" / "v.mp4"), "--frames", "9",
                "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "No space left on device" in err and "Traceback" not in err
@@ -179,7 +179,7 @@ def test_video_that_cannot_be_written_is_rescued(tmp_path, capsys, stub, monkeyp
 
 
 def test_missing_prompt_is_a_usage_error(tmp_path, capsys, no_model):
-    assert main(["generate", "--config", "tiny", "--out", str(tmp_path / "v.mp4")]) == 2
+    assert main(["generate", "--config", "tiny", "--random-weights", "--out", str(tmp_path / "v.mp4")]) == 2
     assert "give a PROMPT or --prompts-file" in capsys.readouterr().err
     assert main(["generate", "--prompts-file", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "v.mp4")]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -202,7 +202,7 @@ class Busy:
 
 TextToVideoPipeline.random = classmethod(lambda cls, cfg, seed=0: Busy(cfg))
 from neodragon_cli.main import main
-sys.exit(main(["generate", "p", "--config", "tiny", "--out", sys.argv[1], "--no-progress"]))
+sys.exit(main(["generate", "p", "--config", "tiny", "--random-weights", "--out", sys.argv[1], "--no-progress"]))
 """
 
 
@@ -230,3 +230,22 @@ def test_ctrl_c_stops_at_once_during_model_work(tmp_path):
             proc.wait()
     assert rc == 130 and took < 5, (rc, took, err[-2000:])
     assert "interrupted (Ctrl-C); 0 of 1 video(s) written" in err and "Traceback" not in err
+
+
+# ---- shipped releases: --model, and what goes with what ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model", "no-such-release"], "no release named 'no-such-release'; shipped releases:"),
+        (["--model", "tiny-teacher", "--random-weights"], "exclude each other"),
+        (["--checkpoint", "x", "--random-weights"], "exclude each other"),
+        (["--config", "tiny"], "--config goes with --checkpoint or --random-weights"),
+    ],
+)
+def test_model_source_is_checked_before_any_work(tmp_path, capsys, no_model, args, message):
+    rc = main(["generate", "p", "--out", str(tmp_path / "v.mp4"), "--no-progress", *args])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
