@@ -109,8 +109,27 @@ def test_loss_decreases_on_a_fixed_batch_and_posterior_starts_near_deterministic
     assert all(np.isfinite(losses))
     assert np.mean(losses[-2:]) < 0.8 * losses[0], losses
     metrics = history[-1][1]
-    assert set(metrics) == {"mse", "ssim", "kl", "psnr"}
+    assert set(metrics) == {"mse", "ssim", "kl", "chroma_mse", "psnr"}
     assert float(metrics["psnr"]) > float(history[0][1]["psnr"])
+
+
+def test_chroma_term_weighs_only_colour_differences(tmp_path):
+    """``stages.vae.chroma_weight``: the MSE of RGB minus its per-pixel channel mean, added to the loss."""
+    from train.vae import _chroma
+
+    grey = jnp.broadcast_to(jnp.linspace(-1, 1, 16)[None, None, None, None], (1, 3, 1, 4, 16))
+    assert float(jnp.abs(_chroma(grey)).max()) < 1e-6  # a luminance error carries no chroma
+    red = jnp.zeros((1, 3, 1, 2, 2)).at[:, 0].set(0.9)
+    np.testing.assert_allclose(np.asarray(_chroma(red)[0, :, 0, 0, 0]), [0.6, -0.3, -0.3], atol=1e-6)
+
+    cfg = _cfg(tmp_path, "stages.vae.chroma_weight=2.5")
+    stage = VAEStage(cfg, clip_frames=9, crop=16)
+    batch = {"video": jnp.asarray(stage.make_example(cfg, 0)["video"])[None]}
+    vae = init_jit(lambda: stage.build_trainable(cfg, nnx.Rngs(0))["vae"])
+    total, m = stage.loss({"vae": vae}, {}, batch, jax.random.key(0))
+    assert float(m["chroma_mse"]) > 0
+    want = m["mse"] + 0.2 * (1 - m["ssim"]) + 1e-6 * m["kl"] + 2.5 * m["chroma_mse"]
+    np.testing.assert_allclose(float(total), float(want), rtol=1e-5)
 
 
 def test_latent_normalisation_gives_unit_latents(tmp_path):
