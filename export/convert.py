@@ -323,6 +323,7 @@ def vae_config_json(cfg: VAEConfig, decoder: str) -> dict:
         out["light_decoder"] = {
             "latent_channels": d.latent_channels, "n_f": list(d.channels), "blocks_per_stage": d.blocks_per_stage,
             "decoder_time_upscale": list(d.temporal_upscale),
+            "decoder_space_upscale": list(d.spatial_upscale),
         }
     return out
 

@@ -63,12 +63,14 @@ class LightDecoder(nn.Module):
         super().__init__()
         if len(cfg.temporal_upscale) != len(cfg.channels):
             raise ValueError("LightDecoderConfig: one temporal_upscale flag per stage of channels")
+        if len(cfg.spatial_upscale) != len(cfg.channels):
+            raise ValueError("LightDecoderConfig: one spatial_upscale flag per stage of channels")
         self.cfg = cfg
         ch = tuple(cfg.channels) + (cfg.channels[-1],)
         layers: list[nn.Module] = [Clamp(cfg.clamp), _conv(cfg.latent_channels, ch[0]), nn.ReLU()]
-        for i, up_t in enumerate(cfg.temporal_upscale):
+        for i, (up_t, up_s) in enumerate(zip(cfg.temporal_upscale, cfg.spatial_upscale)):
             layers += [MemBlock(ch[i]) for _ in range(cfg.blocks_per_stage)]
-            layers += [nn.Upsample(scale_factor=2), TGrow(ch[i], 2 if up_t else 1), _conv(ch[i], ch[i + 1], bias=False)]
+            layers += [nn.Upsample(scale_factor=2) if up_s else nn.Identity(), TGrow(ch[i], 2 if up_t else 1), _conv(ch[i], ch[i + 1], bias=False)]
         layers += [nn.ReLU(), _conv(ch[-1], cfg.out_channels)]
         self.blocks = nn.Sequential(*layers)
         self.frames_to_trim = 2 ** sum(bool(u) for u in cfg.temporal_upscale) - 1

@@ -201,12 +201,19 @@ class CausalVAEConfig:
 
 @dataclass(frozen=True)
 class LightDecoderConfig:
-    """TAEHV-style asymmetric decoder with 8x temporal upsampling (spec §5.2)."""
+    """TAEHV-style asymmetric decoder with 8x temporal upsampling (spec §5.2).
+
+    One flag per stage of ``channels`` in ``temporal_upscale`` (TGrow doubles the frames) and
+    ``spatial_upscale`` (nearest 2x in H and W after the stage's MemBlocks): the decoder's factors are
+    ``2 ** sum(flags)``, and must match the encoder's (8x8x8 officially; a 4x VAE without temporal
+    compression takes two spatial and no temporal flags).
+    """
 
     latent_channels: int = 16
     channels: tuple[int, ...] = (256, 128, 64)
     blocks_per_stage: int = 3
     temporal_upscale: tuple[bool, ...] = (True, True, True)
+    spatial_upscale: tuple[bool, ...] = (True, True, True)
     out_channels: int = 3
     clamp: float = 3.0
 

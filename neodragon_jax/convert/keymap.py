@@ -98,8 +98,14 @@ def torch_shape(jax_shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class KeyMap:
+    """``entries`` map keys one to one. ``other_parts``: key prefixes of the checkpoint that belong to other
+    parts of the same file (a frozen VAE encoder read from a whole ``causal_video_vae`` checkpoint leaves its
+    ``decoder.`` keys to the decoder): they are left alone on import instead of being refused as unexpected;
+    every key outside the entries and those prefixes still is."""
+
     component: str
     entries: tuple[Entry, ...]
+    other_parts: tuple[str, ...] = ()
 
     def __post_init__(self):
         seen_t, seen_j = set(), set()
@@ -136,10 +142,11 @@ class KeyMap:
                 )
                 for e in self.entries
             ),
+            tuple(f"{torch_prefix}{p}" for p in self.other_parts),
         )
 
     def __add__(self, other: "KeyMap") -> "KeyMap":
-        return KeyMap(self.component, self.entries + other.entries)
+        return KeyMap(self.component, self.entries + other.entries, self.other_parts + other.other_parts)
 
     # ---- import: torch tensors -> jax arrays -------------------------------------------------------
     def to_jax(
@@ -185,7 +192,7 @@ class KeyMap:
                 misshaped.append((e.torch_key, value.shape, torch_shape(tuple(want), e.layout)))
                 continue
             out[e.jax_path] = converted
-        unexpected = sorted(set(tensors) - used)
+        unexpected = sorted(k for k in set(tensors) - used if not k.startswith(self.other_parts))
         unfilled = sorted(set(expected_shapes) - self.jax_paths())
         if missing or unexpected or misshaped or unfilled or mismatched:
             raise CheckpointMismatchError(

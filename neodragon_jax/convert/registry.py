@@ -18,6 +18,8 @@ OFFICIAL_FOLDERS = {
     "mmdit": ("diffusion_transformer_320p", "diffusion_transformer_384p", "diffusion_transformer_768p",
               "diffusion_transformer_320p_multistep_t2v"),
     "vae": ("causal_video_vae",),
+    "vae_encoder_part": ("causal_video_vae",),
+    "vae_decoder_part": ("causal_video_vae",),
     "context_adapter": ("context_adapter",),
     "distil_t5": ("text_encoder_3",),
     "t5": ("text_encoder_3",),
@@ -32,10 +34,13 @@ def component_kind(model: nnx.Module) -> str:
     from neodragon_jax.models.text.context_adapter import ContextAdapter
     from neodragon_jax.models.text.distil_t5 import DistilT5
     from neodragon_jax.models.text.t5 import T5Encoder
-    from neodragon_jax.models.vae import CausalVAEDecoder, CausalVAEEncoder, CausalVideoVAE, LightDecoder
+    from neodragon_jax.models.vae import (
+        CausalVAEDecoder, CausalVAEEncoder, CausalVideoVAE, LightDecoder, VAEDecoderPart, VAEEncoderPart,
+    )
 
     kinds = (
-        (PyramidMMDiT, "mmdit"), (CausalVideoVAE, "vae"), (CausalVAEEncoder, "vae_encoder"),
+        (PyramidMMDiT, "mmdit"), (CausalVideoVAE, "vae"), (VAEEncoderPart, "vae_encoder_part"),
+        (VAEDecoderPart, "vae_decoder_part"), (CausalVAEEncoder, "vae_encoder"),
         (CausalVAEDecoder, "vae_native_decoder"), (LightDecoder, "vae_light_decoder"), (TextConditioner, "text"),
         (DistilT5, "distil_t5"), (ContextAdapter, "context_adapter"), (T5Encoder, "t5"), (CLIPTextEncoder, "clip"),
     )
@@ -58,6 +63,10 @@ def keymap_for(model: nnx.Module) -> KeyMap:
         return cm.mmdit_keymap(model.cfg)
     if kind == "vae":
         return cv.vae_keymap(model)
+    if kind == "vae_encoder_part":
+        return cv.encoder_part_keymap(model.cfg)
+    if kind == "vae_decoder_part":
+        return cv.decoder_part_keymap(model.cfg, model.decoder_kind)
     if kind == "vae_encoder":
         return cv.encoder_keymap(model.cfg)
     if kind == "vae_native_decoder":

@@ -119,6 +119,22 @@ def pf_vae_keymap(cfg: VAEConfig) -> KeyMap:
     return KeyMap("pf_vae", tuple(e for p in parts for e in p.entries))
 
 
+def encoder_part_keymap(cfg: VAEConfig) -> KeyMap:
+    """:class:`~neodragon_jax.models.vae.VAEEncoderPart` (encoder + ``quant_conv``) read from a whole
+    ``causal_video_vae`` checkpoint of either decoder: its ``post_quant_conv`` / ``decoder`` keys are left to
+    the decoder part."""
+    entries = encoder_keymap(cfg.causal).prefixed("encoder.", "encoder.").entries + tuple(_cconv("quant_conv"))
+    return KeyMap("vae_encoder_part", entries, other_parts=("decoder.", "post_quant_conv."))
+
+
+def decoder_part_keymap(cfg: VAEConfig, decoder: str) -> KeyMap:
+    """:class:`~neodragon_jax.models.vae.VAEDecoderPart` (``post_quant_conv`` + the native or light decoder)
+    read from a whole ``causal_video_vae`` checkpoint: its ``encoder`` / ``quant_conv`` keys are left alone."""
+    dec = native_decoder_keymap(cfg.causal) if decoder == "native" else light_decoder_keymap(cfg.light_decoder)
+    entries = tuple(_cconv("post_quant_conv")) + dec.prefixed("decoder.", "decoder.").entries
+    return KeyMap(f"vae_{decoder}_decoder_part", entries, other_parts=("encoder.", "quant_conv."))
+
+
 def vae_keymap(model) -> KeyMap:
     """The key map matching a ``CausalVideoVAE`` instance (by its decoder kind)."""
     return asym_vae_keymap(model.cfg) if model.decoder_kind == "light" else pf_vae_keymap(model.cfg)
@@ -136,6 +152,6 @@ def load_vae(model, path: str | os.PathLike) -> None:
 
 
 __all__ = [
-    "asym_vae_keymap", "encoder_keymap", "light_decoder_keymap", "load_vae", "native_decoder_keymap",
+    "asym_vae_keymap", "decoder_part_keymap", "encoder_keymap", "encoder_part_keymap", "light_decoder_keymap", "load_vae", "native_decoder_keymap",
     "pf_vae_keymap", "vae_keymap",
 ]

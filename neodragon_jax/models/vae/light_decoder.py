@@ -12,6 +12,10 @@ MemBlocks (each sees its own input one frame earlier, zeros before the first fra
 frame -> ``s`` frames: channel group ``j`` becomes frame ``s*t + j``). ``T`` latents give ``8T`` raw frames
 whose first 7 are dropped, so latent 0 decodes to one frame and 7 latents to 49 frames.
 
+Smaller VAEs (the tiny presets: 4x spatial, no temporal compression) set ``spatial_upscale`` /
+``temporal_upscale`` per stage: a stage without spatial up-sampling keeps its (parameter-free) block index
+as an identity, so the checkpoint keys ``decoder.blocks.{i}`` stay those of the official layout.
+
 Two execution modes give the same result (up to float rounding):
 - whole clip (``__call__``): every block runs on all frames at once, MemBlock memory = input shifted by one;
 - streaming (``init_state`` / ``step``): one latent frame per call with the MemBlock memories carried in a
@@ -68,6 +72,13 @@ class ReLU(nnx.Module):
         return nnx.relu(x)
 
 
+class Identity(nnx.Module):
+    """The place of an ``Upsample2x`` in a stage without spatial up-sampling (keeps the block indices)."""
+
+    def __call__(self, x):
+        return x
+
+
 class Upsample2x(nnx.Module):
     """Nearest-neighbour 2x in H and W (torch ``nn.Upsample(scale_factor=2)``)."""
 
@@ -109,8 +120,9 @@ class TGrow(nnx.Module):
 class LightDecoder(nnx.Module):
     """TAEHV-style decoder (``decoder`` of the asymmetric VAE); input is the ``post_quant_conv`` output.
 
-    ``__call__(z [B, L, T, h, w]) -> [B, 3, 8T - 7, 8h, 8w]``; ``call_cl`` is the channels-last form
-    (``[B, T, h, w, L]`` -> ``[B, F, H, W, 3]``).
+    ``__call__(z [B, L, T, h, w]) -> [B, 3, 8T - 7, 8h, 8w]`` with the official flags (in general
+    ``[B, 3, t(T - 1) + 1, s h, s w]`` with ``t = temporal_factor``, ``s = spatial_factor``); ``call_cl`` is
+    the channels-last form (``[B, T, h, w, L]`` -> ``[B, F, H, W, 3]``).
     """
 
     def __init__(self, cfg: LightDecoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -119,20 +131,26 @@ class LightDecoder(nnx.Module):
                 f"LightDecoderConfig: temporal_upscale has {len(cfg.temporal_upscale)} flags for "
                 f"{len(cfg.channels)} stages (channels); give one flag per stage"
             )
+        if len(cfg.spatial_upscale) != len(cfg.channels):
+            raise ValueError(
+                f"LightDecoderConfig: spatial_upscale has {len(cfg.spatial_upscale)} flags for "
+                f"{len(cfg.channels)} stages (channels); give one flag per stage"
+            )
         self.cfg = cfg
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         ch = tuple(cfg.channels) + (cfg.channels[-1],)  # TAEHV's n_f: the last conv keeps the last width
         blocks: list[nnx.Module] = [Clamp(cfg.clamp), _conv2d(cfg.latent_channels, ch[0], 3, **kw), ReLU()]
-        for i, up_t in enumerate(cfg.temporal_upscale):
+        for i, (up_t, up_s) in enumerate(zip(cfg.temporal_upscale, cfg.spatial_upscale)):
             blocks += [MemBlock(ch[i], **kw) for _ in range(cfg.blocks_per_stage)]
             blocks += [
-                Upsample2x(),
+                Upsample2x() if up_s else Identity(),
                 TGrow(ch[i], 2 if up_t else 1, **kw),
                 _conv2d(ch[i], ch[i + 1], 3, use_bias=False, **kw),
             ]
         blocks += [ReLU(), _conv2d(ch[-1], cfg.out_channels, 3, **kw)]
         self.blocks = nnx.List(blocks)
         self.temporal_factor = 2 ** sum(bool(u) for u in cfg.temporal_upscale)
+        self.spatial_factor = 2 ** sum(bool(u) for u in cfg.spatial_upscale)
         self.frames_to_trim = self.temporal_factor - 1
 
     # ---- shared core: runs the block list on T frames given the MemBlock memories --------------------
@@ -170,8 +188,9 @@ class LightDecoder(nnx.Module):
     def step(self, state: State, latent: jax.Array, *, first: bool = False) -> tuple[State, jax.Array]:
         """Decode one latent frame ``[B, L, h, w]`` -> ``(state, frames [B, 3, n, 8h, 8w])``.
 
-        ``n = 8`` raw frames in time order; with ``first=True`` (the stream's first latent) the 7 start-up
-        frames are dropped and ``n = 1``, matching the whole-clip decode frame for frame.
+        ``n = 8`` raw frames in time order (``temporal_factor``; ``spatial_factor`` for the ``8``s of the
+        frame size); with ``first=True`` (the stream's first latent) the 7 start-up frames are dropped and
+        ``n = 1``, matching the whole-clip decode frame for frame.
         """
         if latent.ndim != 4 or latent.shape[1] != self.cfg.latent_channels:
             raise ValueError(f"step expects one latent frame [B, {self.cfg.latent_channels}, h, w], got {latent.shape}")
