@@ -26,7 +26,6 @@ from neodragon_jax.models.vae.causal_vae import (
     CausalVideoVAE,
     DiagonalGaussian,
     _cconv,
-    _cf,
     _cl,
 )
 
