@@ -107,6 +107,7 @@ class PhaseContext:
     inputs: dict[str, PhaseRecord]
     resumed: bool
     say: Callable[[str], None]
+    stage: Any = None  # training phases: the stage object (``restore_modules(ctx)`` in ``after``)
 
 
 # ------------------------------------------------------------------------------------------------ keys
@@ -216,7 +217,9 @@ def _train_config(phase: Phase, cfg: Config, folder: Path) -> Config:
     )
 
 
-def _run_train(phase: Phase, ctx: PhaseContext, stage, mesh, run_kwargs) -> dict:
+def _run_train(phase: Phase, ctx: PhaseContext, stage, mesh, run_kwargs, around_train) -> dict:
+    from contextlib import nullcontext
+
     from train.loop import run
 
     cfg = ctx.cfg
@@ -228,7 +231,8 @@ def _run_train(phase: Phase, ctx: PhaseContext, stage, mesh, run_kwargs) -> dict
     else:
         if latest is not None:
             ctx.say(f"[{phase.name}] resuming from the checkpoint at step {latest} of {cfg.train.steps}")
-        result = run(cfg, stage=stage, mesh=mesh, **run_kwargs)
+        with around_train(ctx) if around_train is not None else nullcontext():
+            result = run(cfg, stage=stage, mesh=mesh, **run_kwargs)
         results = {"end_step": result.end_step, "metrics": {k: float(v) for k, v in result.last_metrics.items()},
                    "time_limited": bool(result.time_limited)}
     if phase.after is not None:
@@ -238,12 +242,15 @@ def _run_train(phase: Phase, ctx: PhaseContext, stage, mesh, run_kwargs) -> dict
 
 def run_recipe(phases: Sequence[Phase], base: Config, workdir: str | Path, *, mesh=None, on_change: str = "rebuild",
                say: Callable[[str], None] = print, run_kwargs: Mapping[str, Any] | None = None,
-               only: Sequence[str] | None = None) -> dict[str, PhaseRecord]:
+               only: Sequence[str] | None = None, around_train: Callable[[PhaseContext], Any] | None = None,
+               on_done: Callable[[PhaseRecord], None] | None = None) -> dict[str, PhaseRecord]:
     """Run (or reuse, resume, rebuild) ``phases`` in order under ``workdir``; returns their records by name.
 
     ``on_change``: ``"rebuild"`` (default) or ``"refuse"`` (raise :class:`RecipeError` naming the differing
     keys instead). ``run_kwargs`` go to ``train.loop.run`` (e.g. ``console=False``). ``only``: stop after
-    these phases and their inputs.
+    these phases and their inputs. Hooks: ``around_train(ctx)`` returns a context manager entered around each
+    training run (progress lines; not entered when the checkpoint is already complete); ``on_done(record)``
+    is called after each phase, reused or not.
     """
     if on_change not in ("rebuild", "refuse"):
         raise RecipeError(f"on_change must be 'rebuild' or 'refuse', got {on_change!r}")
@@ -273,11 +280,15 @@ def run_recipe(phases: Sequence[Phase], base: Config, workdir: str | Path, *, me
     for phase in phases:
         if phase.name not in wanted:
             continue
-        records[phase.name] = _run_phase(phase, base, workdir, records, mesh, on_change, say, dict(run_kwargs or {}))
+        records[phase.name] = _run_phase(phase, base, workdir, records, mesh, on_change, say, dict(run_kwargs or {}),
+                                         around_train)
+        if on_done is not None:
+            on_done(records[phase.name])
     return records
 
 
-def _run_phase(phase: Phase, base: Config, workdir: Path, records, mesh, on_change, say, run_kwargs) -> PhaseRecord:
+def _run_phase(phase: Phase, base: Config, workdir: Path, records, mesh, on_change, say, run_kwargs,
+               around_train=None) -> PhaseRecord:
     folder = workdir / phase.name
     inputs = {n: records[n] for n in phase.inputs}
     cfg = phase.configure(base, inputs, phase.settings) if phase.configure is not None else base
@@ -309,7 +320,8 @@ def _run_phase(phase: Phase, base: Config, workdir: Path, records, mesh, on_chan
                            cfg, stage)
     old = done if done is not None else started
     if old is not None and old.get("key") != key:
-        changes = describe_changes(old.get("tree", {}), tree) or ["(the record's format)"]
+        changes = ((describe_changes(old["tree"], tree) if isinstance(old.get("tree"), dict) else
+                    ["(a record without its key tree: written by an older version)"]) or ["(the record's format)"])
         if on_change == "refuse":
             raise RecipeError(f"{folder} was built with other settings (differs in: {'; '.join(changes)}). Use "
                               f"another workdir, or delete {folder} and the phases after it to rebuild them")
@@ -320,10 +332,10 @@ def _run_phase(phase: Phase, base: Config, workdir: Path, records, mesh, on_chan
         status = "resumed"
         say(f"[{phase.name}] resuming an interrupted run")
     _write(folder / STARTED, {"key": key, "tree": tree})
-    ctx = PhaseContext(phase.name, folder, workdir, cfg, phase.settings, inputs, status == "resumed", say)
+    ctx = PhaseContext(phase.name, folder, workdir, cfg, phase.settings, inputs, status == "resumed", say, stage)
     t0 = time.perf_counter()
     if phase.is_train:
-        results = _run_train(phase, ctx, stage, mesh, run_kwargs)
+        results = _run_train(phase, ctx, stage, mesh, run_kwargs, around_train)
     else:
         results = dict(phase.run(ctx) or {})
     seconds = time.perf_counter() - t0
@@ -331,8 +343,9 @@ def _run_phase(phase: Phase, base: Config, workdir: Path, records, mesh, on_chan
     return PhaseRecord(phase.name, folder, key, results, status, seconds, cfg, stage)
 
 
-def restore_modules(record: PhaseRecord, mesh=None, *, use_ema: bool = True) -> dict:
-    """The trained modules of a finished training phase (its EMA weights when it kept one and ``use_ema``)."""
+def restore_modules(record: PhaseRecord | PhaseContext, mesh=None, *, use_ema: bool = True) -> dict:
+    """The trained modules of a finished training phase (its EMA weights when it kept one and ``use_ema``);
+    ``record`` may be the phase's context (in its ``after``, once training is complete)."""
     import logging
 
     from neodragon_jax.sharding import make_mesh

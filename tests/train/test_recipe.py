@@ -2,6 +2,7 @@
 nothing it depends on changed, rebuilt (naming the differing keys) when something did, and resumed when it
 was interrupted."""
 
+import contextlib
 import dataclasses
 import json
 
@@ -12,7 +13,7 @@ import pytest
 from neodragon_jax.config import load_config
 from neodragon_jax.sharding import make_mesh
 from train.data import write_npz_records
-from train.recipe import JobPhase, RecipeError, TrainPhase, run_recipe
+from train.recipe import JobPhase, RecipeError, TrainPhase, restore_modules, run_recipe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,9 +74,33 @@ def _run(work, mesh, base=None, lines=None, **kw):
 def test_reuse_rebuild_and_resume(tmp_path, mesh):
     work = tmp_path / "work"
     CALLS.clear()
-    status, recs, _ = _run(work, mesh)
+    # Hooks: around_train is entered around each training run, on_done sees every phase; after gets the
+    # phase's context, from which restore_modules reads the trained modules.
+    events = []
+
+    @contextlib.contextmanager
+    def around(ctx):
+        events.append(("enter", ctx.name, (ctx.dir / "checkpoints").is_dir()))
+        yield
+        events.append(("exit", ctx.name, sorted(p.name for p in (ctx.dir / "checkpoints").iterdir())))
+
+    def after(ctx, result):
+        modules = restore_modules(ctx, mesh)
+        return {"after": [result.end_step, sorted(modules)]}
+
+    phases = recipe()
+    phases[1] = dataclasses.replace(phases[1], after=after)
+    status, recs, _ = _run(work, mesh, phases=phases, around_train=around,
+                           on_done=lambda r: events.append(("done", r.name, r.status)))
     assert status == {"data": "ran", "fit": "ran"} and recs["fit"].results["end_step"] == 4
+    assert events == [("done", "data", "ran"), ("enter", "fit", False), ("exit", "fit", ["2", "4"]),
+                      ("done", "fit", "ran")]
+    assert recs["fit"].results["after"] == [4, sorted(restore_modules(recs["fit"], mesh))]
     assert json.loads((work / "fit" / "config.json").read_text())["optim"]["lr"] == 1e-2
+    events.clear()
+    status, _, _ = _run(work, mesh, phases=phases, around_train=around,
+                        on_done=lambda r: events.append(("done", r.name, r.status)))
+    assert events == [("done", "data", "reused"), ("done", "fit", "reused")]  # nothing trained: no enter
 
     # Nothing it depends on changed: a --set the phase overwrites (optim.lr) or that only lays the run out.
     status, again, lines = _run(work, mesh, _base("optim.lr=0.5", "train.log_every=3", "checkpoint.every_steps=3"))
