@@ -6,7 +6,8 @@ Pyramid Flow / Neodragon download holds (``tokenizer*/``, ``text_encoder*/``, ``
 it was made::
 
     {"name": "tiny-teacher", "preset": "tiny-teacher", "transformer": "diffusion_transformer_320p",
-     "overrides": [...],                  # config overrides on top of the preset (sampling defaults, ...)
+     "config": {...},                     # the resolved config (video, pyramid, sampling, model, ...)
+     "overrides": [...],                  # the overrides it was made with on top of the preset
      "storage_dtype": "float16",
      "made_by": {"command": ..., "commit": ..., "device": ..., "wall_time_s": ..., "clips_seen": ...},
      "scores": {...},                     # held-out accuracies beside their chance level, per schedule
@@ -26,6 +27,8 @@ from typing import Any, Sequence
 
 RELEASES_DIR = Path(__file__).resolve().parent / "_assets" / "releases"
 RECORD = "release.json"
+#: The first videos the release command generated and scored, to check a copy of the release against.
+REFERENCE = "reference.npz"
 DEFAULT_RELEASE = "tiny-teacher"
 
 
@@ -52,13 +55,17 @@ class Release:
         return tuple(self.record.get("overrides", ()))
 
     def config(self, overrides: Sequence[str] = ()):
-        """The release's config: its preset, its recorded overrides, then ``overrides``; the model fields
-        come from the folder's ``config.json`` files (a contradicting override is refused by the loader)."""
-        from neodragon_jax.config import load_config
+        """The release's config: the resolved config its record holds (``"config"``; for a record without
+        one, its preset and recorded overrides), then ``overrides``; the model fields come from the folder's
+        ``config.json`` files (a contradicting override is refused by the loader)."""
+        from neodragon_jax.config import from_dict, load_config
         from neodragon_jax.config.loader import apply_overrides
         from neodragon_jax.pipelines.official import config_from_official_folder
 
-        cfg = load_config(self.preset, list(self.overrides))
+        # The resolved config the release was made with (video, pyramid, sampling, ...); the preset and
+        # overrides for a record without one.
+        cfg = from_dict(self.record["config"]) if "config" in self.record else load_config(
+            self.preset, list(self.overrides))
         cfg = config_from_official_folder(self.folder, cfg, transformer=self.transformer)
         return apply_overrides(cfg, overrides) if overrides else cfg
 
