@@ -28,7 +28,7 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
-    rules: Literal["dp", "fsdp", "fsdp_tp"] = "fsdp"
+    rules: Literal["dp", "fsdp", "fsdp_sp", "fsdp_tp"] = "fsdp"
     dcn_data: int = 1
     dcn_fsdp: int = 1
     dcn_tensor: int = 1

@@ -66,6 +66,25 @@ RULE_SETS: dict[str, RuleSet] = {
         activations=_BATCH_ALL,
         fallback=("fsdp",),
     ),
+    # FSDP plus sequence parallelism for stage columns smaller than the device count (2 examples per device
+    # with the 1:2:1 pyramid columns leaves the finest column half an example per device): the batch takes
+    # what it can of data x fsdp x tensor, the token axis ("length") then takes fsdp (or data) where it
+    # divides, so the MMDiT's token-wise work is split instead of replicated; attention then runs with its
+    # heads split over the axes the batch left free (all-to-all in between, as DeepSpeed-Ulysses). Weights as
+    # `fsdp`. Where the batch covers the mesh, identical to `fsdp`.
+    "fsdp_sp": RuleSet(
+        "fsdp_sp",
+        params=(
+            ("embed", "fsdp"),
+            ("mlp", "fsdp"),
+            ("heads", "fsdp"),
+            ("vocab", "fsdp"),
+            ("conv_out", "fsdp"),
+            ("conv_in", "fsdp"),
+        ),
+        activations=_BATCH_ALL + (("length", ("fsdp", "data")),),
+        fallback=("fsdp",),
+    ),
     # Megatron tensor parallelism on `tensor` (attention heads / MLP hidden / vocab / conv outputs) with
     # FSDP on the model width; the batch spans `data` x `fsdp`.
     "fsdp_tp": RuleSet(
