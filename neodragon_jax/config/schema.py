@@ -159,6 +159,11 @@ class MMDiTConfig:
     # weights: XLA compiles one block body instead of num_layers - 1 (the parameters keep their per-block
     # layout and checkpoint keys; the stack is built inside the step). Same numbers as the unrolled loop.
     scan_blocks: bool = False
+    # Attention implementation: "auto" (splash on TPU, cudnn on GPU for bf16/fp16 compute, dense on CPU),
+    # "dense" (the reference: materialised scores plus a float32 mask bias), "chunked" (online softmax over
+    # key chunks: memory linear in the tokens), "splash" (Pallas TPU kernel), "cudnn" (cuDNN flash
+    # attention). Same parameters and checkpoints for all; see neodragon_jax/layers/attention.py.
+    attention: str = "auto"
 
     @property
     def hidden_size(self) -> int:

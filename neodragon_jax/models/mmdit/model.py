@@ -27,8 +27,17 @@ import numpy as np
 from flax import nnx
 
 from neodragon_jax.config.schema import MMDiTConfig
-from neodragon_jax.layers.attention import IMAGE_PAD_ID, REAL_ID, JointAttention, joint_attention_bias
+from neodragon_jax.layers.attention import (
+    ATTENTION_IMPLS,
+    IMAGE_PAD_ID,
+    REAL_ID,
+    JointAttention,
+    JointMask,
+    joint_attention_bias,
+    resolve_attention,
+)
 from neodragon_jax.layers.core import as_dtype, dense, layer_norm_no_affine, zeros
+from neodragon_jax.sharding.constraints import active_rules, constrain
 from neodragon_jax.layers.embeddings import (
     CombinedTimestepTextEmbedding,
     PatchEmbed,
@@ -54,6 +63,8 @@ def _validate_config(cfg: MMDiTConfig) -> None:
         )
     if cfg.remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {cfg.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+    if cfg.attention not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention implementation {cfg.attention!r}; expected one of {list(ATTENTION_IMPLS)}")
     if cfg.head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {cfg.head_dim}")
     if cfg.sample_size % cfg.patch_size:
@@ -160,6 +171,9 @@ class JointTransformerBlock(nnx.Module):
     ) -> tuple[jax.Array, jax.Array | None]:
         """``x [B, L, D]``, ``c [B, S, D]`` (float32 residual streams), ``temb [B, D]`` -> new ``(x, c)``."""
         eps, dt = self.eps, self.dtype
+        if _shards_tokens():  # sequence-parallel rule sets: pin the token split at every block input
+            x = constrain(x, ("batch", "length", "embed"))
+            c = constrain(c, ("batch", "length", "embed"))
         shift1, scale1, gate1, shift2, scale2, gate2 = self.norm1(temb)
         x_in = modulate(x, shift1, scale1, eps).astype(dt)
         if self.context_pre_only:
@@ -178,6 +192,12 @@ class JointTransformerBlock(nnx.Module):
         c = c + c_gate1 * c_attn.astype(jnp.float32)
         c = c + c_gate2 * self.ff_context(modulate(c, c_shift2, c_scale2, eps)).astype(jnp.float32)
         return x, c
+
+
+def _shards_tokens() -> bool:
+    """Whether the active rule set splits activations along their tokens (``length``), e.g. ``fsdp_sp``."""
+    rules = active_rules()
+    return rules is not None and any(name == "length" for name, _ in rules.activations)
 
 
 def _call_block(block: JointTransformerBlock, x, c, temb, rope_cos, rope_sin, bias):
@@ -448,7 +468,11 @@ class PyramidMMDiT(nnx.Module):
         temb = self.time_text_embed(timestep, pooled)
         ids, pos = self._ids_positions(layout, history_valid)
         rope_cos, rope_sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
-        bias = joint_attention_bias(text_mask, ids, pos)
+        impl = resolve_attention(cfg.attention, dtype=self.dtype)
+        if impl == "dense":
+            bias = joint_attention_bias(text_mask, ids, pos)
+        else:  # the mask as block structure: the [B, heads, T, T] scores are never materialised
+            bias = JointMask.build(text_mask, ids, pos, impl=impl)
 
         taps = []
         first = 0
