@@ -1,5 +1,7 @@
-"""`neodragon demo --quick`: every phase runs and the report is written; a rerun reuses every phase and says
-so; a workdir built with other settings and unknown settings are refused."""
+"""`neodragon demo --quick` on the recipe runner: every phase runs and the report (accuracies beside their
+chance levels) is written; a rerun reuses every phase; a changed flow setting rebuilds flow and the phases
+after it, an unrelated one only the phase that reads it; bad settings and config keys the demo sets itself
+are one-line errors with exit status 2."""
 
 import contextlib
 import io
@@ -9,11 +11,11 @@ import time
 
 import pytest
 
-from neodragon_cli.demo import DemoSettings, _checkpoint_every, _flow_steps, parse_settings
+from neodragon_cli.demo import (DEMO_KEYS, PHASES, QUICK, DemoSettings, _checkpoint_every, _flow_steps,
+                                parse_settings)
 from neodragon_cli.main import main
 
-PHASES = ("data", "vae", "latents", "flow", "samples", "eval")
-
+FLOW_LR = QUICK.flow_lr  # the quick demo's flow learning rate; the third run doubles it
 
 def _demo(workdir, *extra):
     out = io.StringIO()
@@ -23,41 +25,60 @@ def _demo(workdir, *extra):
     return rc, out.getvalue(), time.perf_counter() - t0
 
 
+def _statuses(report: str) -> dict[str, str]:
+    return dict(re.findall(r"^\| (\w+) \| .* \| (reused|ran|resumed|rebuilt) \|$", report, re.M))
+
+
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
-    first = _demo(workdir) + ((workdir / "report.md").read_text(),)
-    second = _demo(workdir) + ((workdir / "report.md").read_text(),)
-    return workdir, first, second
+    runs = {}
+    lr = ("--set", f"demo.flow_lr={2 * FLOW_LR!r}")
+    sheets = lr + ("--set", "demo.sheet_videos=2")
+    for name, extra in (("first", ()), ("again", ()), ("flow_lr", lr), ("sheets", sheets)):
+        runs[name] = _demo(workdir, *extra) + ((workdir / "report.md").read_text(),)
+        if name == "first":  # the later runs rebuild flow with another learning rate
+            runs["first_flow_config"] = json.loads((workdir / "flow" / "config.json").read_text())
+    return workdir, runs
 
 
 def test_quick_demo_runs_every_phase_and_writes_the_report(quick_demo):
-    workdir, (rc, out, _, report), _ = quick_demo
+    workdir, runs = quick_demo
+    rc, out, _, report = runs["first"]
     assert rc == 0, out[-3000:]
     for phase in PHASES:
         assert f"[{phase}] finished in" in out
         done = json.loads((workdir / phase / "DONE.json").read_text())
-        assert done["seconds"] > 0
+        assert done["seconds"] > 0 and isinstance(done["key"], str)
     assert re.search(r"\[vae\] step 2/2 \(100%\)", out) and re.search(r"\[flow\] step 2/2 \(100%\)", out)
 
-    vae_key = json.loads((workdir / "vae" / "DONE.json").read_text())["key"]
-    assert vae_key["vae_steps"] == 2  # the quick size
-    assert vae_key["vae_init"] == "inflated" and vae_key["vae_zero_init"] is True
-    assert vae_key["model.vae"]["causal"]["norm_groups"] == 0
+    vae_cfg = json.loads((workdir / "vae" / "config.json").read_text())
+    assert vae_cfg["train"]["steps"] == 2  # the quick size, set by demo.vae_steps
+    vs = vae_cfg["stages"]["vae"]
+    assert (vs["kernel_init"], vs["zero_init_residual"], vs["clip_frames"], vs["crop"]) == ("inflated", True, 1, 0)
+    assert (vs["chroma_weight"], vs["kl_weight"]) == (QUICK.vae_chroma, QUICK.vae_kl)
+    assert vae_cfg["model"]["vae"]["causal"]["norm_groups"] == 0  # the tiny-teacher preset
     vae = json.loads((workdir / "vae" / "DONE.json").read_text())["results"]
     assert set(vae["normalisation"]) == {"image_shift", "image_scale", "video_shift", "video_scale"}
-    assert set(vae["train_metrics"]) >= {"loss", "psnr", "ssim", "kl"}
+    assert set(vae["metrics"]) >= {"loss", "psnr", "ssim", "kl"} and vae["end_step"] == 2
     assert len(list((workdir / "latents" / "records").glob("*.npz"))) == 48
     assert (workdir / "text" / "params.npz").is_file()
-    flow_cfg = json.loads((workdir / "flow" / "config.json").read_text())
+    flow_cfg = runs["first_flow_config"]
     assert flow_cfg["data"]["in_memory"] is True  # 48 small records: read once, not per step
+    assert flow_cfg["optim"]["lr"] == FLOW_LR and flow_cfg["optim"]["ema_decay"] == QUICK.flow_ema
     for i in range(4):
-        assert (workdir / "samples" / f"{i:03d}.mp4").stat().st_size > 0
+        for suffix in (".mp4", ".gif", "_frames.png"):
+            assert (workdir / "samples" / f"{i:03d}{suffix}").stat().st_size > 0
         meta = json.loads((workdir / "samples" / f"{i:03d}.json").read_text())
-        # 9 latent frames with frames_per_unit=8: the first frame, then one 8-frame unit
         assert meta["nfe"] > 0 and meta["nfe"] == meta["schedule"]["nfe_expected"]
+    from neodragon_jax.eval.heldout import heldout_prompts
+
+    captions = [json.loads(line)["text"] for line in (workdir / "samples" / "captions.jsonl").read_text().splitlines()]
+    assert captions == heldout_prompts(4)  # the prompts every report of the project scores
     ev = json.loads((workdir / "eval" / "DONE.json").read_text())["results"]
     assert set(ev["scores"]) == {"renders", "vae_recon", "generated"}
+    for sc in ev["scores"].values():
+        assert set(sc["chance"]) >= {"colour", "motion"}  # beside every accuracy: its chance level
     assert ev["scores"]["renders"]["accuracy"]["colour"] >= 0.75  # the scorer on the renderer's own videos
     assert len(ev["psnr_per_video"]) == 4 and all(p > 0 for p in ev["psnr_per_video"])
     # The teacher beside a per-patch linear denoiser, per pyramid stage (48 records are enough to fit it).
@@ -66,74 +87,112 @@ def test_quick_demo_runs_every_phase_and_writes_the_report(quick_demo):
 
     for section in ("## Headline", "## Phases", "## Scores", "## VAE", "## Flow teacher", "## Files"):
         assert section in report
-    assert "colour accuracy (held-out prompts)" in report and "motion accuracy (held-out prompts)" in report
-    assert "VAE reconstruction PSNR" in report and "| renders | VAE reconstructions | generated |" in report
+    assert re.search(r"\| colour accuracy \(held-out prompts\) \| [\d.]+ \| [\d.]+ \| >= 0.6 \|", report)
+    assert re.search(r"\| motion accuracy \(held-out prompts\) \| [\d.]+ \| [\d.]+ \| >= 0.4 \|", report)
+    assert "| figure | this run | chance | target |  | shipped `tiny-teacher` |" in report
+    assert "VAE reconstruction PSNR" in report
+    assert ("| attribute | renders | chance | VAE reconstructions | chance | generated | chance |" in report)
     assert "| stage | latent | var(v*) | per-patch linear baseline | teacher |" in report
     for png in ("eval/generated_vs_render.png", "eval/vae_reconstructions.png"):
         assert f"]({png})" in report and (workdir / png).stat().st_size > 0
-    for phase in PHASES:
-        assert re.search(rf"\| {phase} \| .* \| ran \|", report), phase
+    assert _statuses(report) == dict.fromkeys(PHASES, "ran")
     assert "report: " in out and "PSNR" in out
+    line = next(x for x in out.splitlines() if x.startswith("held-out prompts, generated (chance in brackets): "))
+    for attr in ("colour", "shape", "motion"):
+        assert re.search(rf"\b{attr} [\d.]+ \([\d.]+\)", line), line
 
 
 def test_second_run_reuses_every_phase_and_says_so(quick_demo):
-    workdir, (_, _, t_first, _), (rc, out, t_second, report) = quick_demo
+    _, runs = quick_demo
+    t_first = runs["first"][2]
+    rc, out, t_second, report = runs["again"]
     assert rc == 0, out[-3000:]
     for phase in PHASES:
-        assert f"[{phase}] done already" in out
-        assert f"[{phase}] finished in" not in out
+        assert f"[{phase}] reused" in out and f"[{phase}] finished in" not in out
     assert "every phase was already complete: nothing rebuilt" in out
     assert t_second < 0.6 * t_first, (t_first, t_second)
-    for phase in PHASES:
-        assert re.search(rf"\| {phase} \| .* \| reused \|", report), phase
+    assert _statuses(report) == dict.fromkeys(PHASES, "reused")
 
 
-def test_a_workdir_built_with_other_settings_is_refused(quick_demo, capsys):
-    workdir = quick_demo[0]
-    rc = main(["demo", "--workdir", str(workdir), "--quick", "--compile-cache", "none", "--set", "demo.vae_steps=3"])
-    assert rc == 2
-    err = capsys.readouterr().err
-    assert "vae_steps" in err and "other settings" in err and str(workdir / "vae") in err
+def test_a_flow_setting_rebuilds_flow_and_what_follows_it(quick_demo):
+    workdir, runs = quick_demo
+    rc, out, _, report = runs["flow_lr"]
+    assert rc == 0, out[-3000:]
+    assert _statuses(report) == {"data": "reused", "vae": "reused", "text": "reused", "latents": "reused",
+                                 "flow": "rebuilt", "samples": "rebuilt", "eval": "rebuilt"}
+    change = f"{FLOW_LR!r} -> {2 * FLOW_LR!r}"
+    assert f"[flow] rebuilding: config.optim.lr: {change}; settings.flow_lr: {change}" in out
+    assert "[samples] rebuilding: input flow changed" in out and "[eval] rebuilding: input flow changed" in out
+    assert json.loads((workdir / "flow" / "config.json").read_text())["optim"]["lr"] == 2 * FLOW_LR
+
+
+def test_an_unrelated_setting_reuses_the_training_phases(quick_demo):
+    workdir, runs = quick_demo
+    rc, out, _, report = runs["sheets"]
+    assert rc == 0, out[-3000:]
+    assert _statuses(report) == {**dict.fromkeys(PHASES, "reused"), "eval": "rebuilt"}
+    assert "[eval] rebuilding: settings.sheet_videos: 4 -> 2" in out
+
+
+def test_config_keys_the_demo_sets_are_refused(tmp_path, capsys):
+    assert main(["demo", "--workdir", str(tmp_path), "--quick", "--set", "optim.lr=1e-3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "demo.vae_lr (vae) and demo.flow_lr (flow)" in err
+    assert main(["demo", "--workdir", str(tmp_path), "--quick", "--set", "stages.vae.crop=16"]) == 2
+    assert "demo.vae_crop" in capsys.readouterr().err
+    assert DEMO_KEYS["optim.lr"] and not list(tmp_path.iterdir())  # refused before any work
 
 
 def test_settings_are_parsed_and_checked():
-    s, rest = parse_settings(["demo.flow_steps=7 optim.b1=0.8", "demo.flow_lr=1"], quick=False)
-    assert s.flow_steps == 7 and s.flow_lr == 1.0 and rest == ["optim.b1=0.8"]
+    s, rest = parse_settings(["demo.flow_steps=7 optim.b1=0.8", "demo.flow_lr=1", "checkpoint.keep_every=600"],
+                             quick=False)
+    assert s.flow_steps == 7 and s.flow_lr == 1.0 and rest == ["optim.b1=0.8", "checkpoint.keep_every=600"]
     assert parse_settings([], quick=True)[0].vae_steps < DemoSettings().vae_steps
     for bad, msg in (("demo.nope=1", "unknown demo setting"), ("demo.flow_steps=x", "expected int"),
                      ("demo.flow_steps=0", ">= 1"), ("demo.vae_init=xavier", "vae_init must be one of"),
-                     ("demo.vae_zero_init=1", "expected bool"), ("demo.flow_time_limit=-5", "flow_time_limit must be >= 0"),
-                     ("demo.flow_decay_steps=-1", "flow_decay_steps must be >= 0")):
+                     ("demo.vae_zero_init=1", "expected bool"),
+                     ("demo.flow_time_limit=-5", "flow_time_limit must be >= 0"),
+                     ("demo.flow_decay_steps=-1", "flow_decay_steps must be >= 0"),
+                     ("demo.vae_kl=-1", "vae_kl must be >= 0"), ("demo.flow_ema=1", r"flow_ema must be in \[0, 1\)"),
+                     ("demo.eval_videos=1", "eval_videos must be >= 2"),
+                     ("train.global_batch=8", "demo.vae_batch"), ("data.path=x", "the demo sets data.path")):
         with pytest.raises(Exception, match=msg):
             parse_settings([bad], quick=True)
 
 
-def test_unknown_setting_is_a_clear_cli_error(tmp_path, capsys):
-    assert main(["demo", "--workdir", str(tmp_path), "--quick", "--set", "demo.nope=1"]) == 2
-    assert "unknown demo setting 'demo.nope'" in capsys.readouterr().err
+@pytest.mark.parametrize("extra, msg", [
+    (("--set", "demo.nope=1"), "unknown demo setting 'demo.nope'"),
+    (("--set", "demo.vae_frames=7"), "demo.vae_frames=7"),
+    (("--set", "demo.vae_crop=30"), "multiple of the VAE's spatial factor"),
+    (("--set", "model.nope=1"), "config error"),
+])
+def test_bad_settings_are_one_line_errors(tmp_path, capsys, extra, msg):
+    assert main(["demo", "--workdir", str(tmp_path / "w"), "--quick", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and err.startswith("neodragon demo: ") and len(err.splitlines()) == 1, err
 
 
 def test_default_demo_layout_fits_at_full_size():
-    """The default (non-quick) demo config, traced without training: a 4x VAE gives 16x16x16 latents of the
-    17-frame clips, and the MMDiT (positional table = the finest 8x8 patch grid) takes every pyramid stage at the
-    largest training layout (the last 8-frame unit with its history)."""
+    """The default (non-quick) demo config, traced without training: the tiny-teacher preset's 4x VAE gives
+    8x8x8 latents of the 9-frame 32x32 clips, and the MMDiT takes every pyramid stage at the largest training
+    layout (the last 4-frame unit with its history)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from neodragon_cli.demo import DEMO_OVERRIDES
+    from neodragon_cli.demo import DEFAULT_CONFIG, DEMO_OVERRIDES
     from neodragon_jax.config import load_config
     from neodragon_jax.models.mmdit import PyramidMMDiT
     from neodragon_jax.models.vae import CausalVideoVAE
     from neodragon_jax.pyramid.loss import flow_matching_loss
     from neodragon_jax.pyramid.scheduler import make_schedule
 
-    cfg = load_config("tiny", list(DEMO_OVERRIDES))
+    cfg = load_config(DEFAULT_CONFIG, list(DEMO_OVERRIDES))
     v = cfg.video
     vae_graph, vae_state = nnx.split(nnx.eval_shape(lambda: CausalVideoVAE(cfg.model.vae, rngs=nnx.Rngs(0))))
     video = jax.ShapeDtypeStruct((1, 3, v.num_frames, v.height, v.width), jnp.float32)
     post = jax.eval_shape(lambda st, x: nnx.merge(vae_graph, st).encode(x).mean, vae_state, video)
-    assert post.shape == (1, 16, 17, 16, 16)
+    assert post.shape == (1, 8, 9, 8, 8)
 
     mm_graph, mm_state = nnx.split(nnx.eval_shape(lambda: PyramidMMDiT(cfg.model.mmdit, rngs=nnx.Rngs(0))))
     assert cfg.model.mmdit.hidden_size == 128
@@ -157,6 +216,41 @@ def test_checkpoint_cadence_is_every_250_steps_or_20_a_run():
 
 def test_report_says_where_a_time_limit_stopped_the_teacher():
     s = DemoSettings(flow_steps=9000, flow_time_limit=300.0)
-    assert _flow_steps({"steps": 9000}, s) == "9000"
-    assert _flow_steps({"steps": 4321}, s) == "4321 (of 9000; time limit 300 s)"
-    assert _flow_steps({}, DemoSettings(flow_steps=50)) == "50"  # a DONE.json written before steps were recorded
+    assert _flow_steps({"end_step": 9000}, s) == "9000"
+    assert _flow_steps({"end_step": 4321}, s) == "4321 (of 9000; time limit 300 s)"
+    assert _flow_steps({"steps": 4321}, s) == "4321 (of 9000; time limit 300 s)"  # a record of the older demo
+
+
+def test_report_compares_with_the_shipped_release_when_there_is_one(tmp_path):
+    """No release folder (a fresh clone before the teacher ships), a record without scores, and one with
+    scores per schedule: the report's last column says which."""
+    from neodragon_cli.demo import _shipped_cell, shipped_scores
+
+    assert shipped_scores("tiny-teacher", root=tmp_path / "none") is None
+    assert _shipped_cell(None, "colour") == "not shipped in this installation"
+    rel = tmp_path / "tiny-teacher"
+    rel.mkdir()
+    (rel / "release.json").write_text(json.dumps({"name": "tiny-teacher", "preset": "tiny-teacher"}))
+    assert shipped_scores("tiny-teacher", root=tmp_path) == {}
+    assert _shipped_cell({}, "colour") == "no recorded score"
+    scores = {"teacher": {"schedule": "4-4-4,4-4-4 cfg 7/5", "videos": 96, "accuracy": {"colour": 0.92, "motion": 0.81},
+                          "chance": {"colour": 0.125, "motion": 0.11}},
+              "1-1-1": {"videos": 96, "accuracy": {"colour": 0.5}, "chance": {"colour": 0.12}}}
+    (rel / "release.json").write_text(json.dumps({"name": "tiny-teacher", "preset": "tiny-teacher", "scores": scores}))
+    got = shipped_scores("tiny-teacher", root=tmp_path)
+    assert got == scores
+    assert _shipped_cell(got, "colour") == ("0.920 (chance 0.125) [teacher, 96 prompts]; "
+                                            "0.500 (chance 0.120) [1-1-1, 96 prompts]")
+    assert _shipped_cell(got, "motion") == "0.810 (chance 0.110) [teacher, 96 prompts]"
+    (rel / "release.json").write_text("{not json")
+    assert shipped_scores("tiny-teacher", root=tmp_path) is None  # a damaged record: no comparison, no crash
+
+
+def test_demo_defaults_are_the_tiny_teacher_and_its_vae_recipe():
+    from neodragon_cli.demo import DEFAULT_CONFIG
+    from neodragon_jax.eval.heldout import HELDOUT_SEED
+
+    s = DemoSettings()
+    assert DEFAULT_CONFIG == "tiny-teacher"
+    assert (s.vae_frames, s.vae_crop, s.vae_batch, s.vae_lr, s.vae_chroma, s.vae_kl) == (1, 0, 32, 4e-3, 1.0, 1e-3)
+    assert s.eval_seed == HELDOUT_SEED  # the held-out prompts a release is scored on
