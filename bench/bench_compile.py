@@ -1,6 +1,6 @@
 """Compile time of the flow train step: MMDiT blocks unrolled against ``model.mmdit.scan_blocks``.
 
-Lowers and compiles the demo's flow step (``neodragon_cli.demo.DEMO_OVERRIDES`` on the tiny preset, synthetic
+Lowers and compiles the demo's flow step (``neodragon_cli.demo.DEMO_OVERRIDES`` on the demo's preset, synthetic
 records of its shapes, every pyramid unit layout) for each block count, both ways, side by side in one run::
 
     python bench/bench_compile.py --blocks 4,8
@@ -18,14 +18,14 @@ import time
 def compile_seconds(blocks: int, scan: bool, batch: int, extra: list[str]) -> tuple[float, float]:
     import jax
 
-    from neodragon_cli.demo import DEMO_OVERRIDES
+    from neodragon_cli.demo import DEFAULT_CONFIG, DEMO_OVERRIDES
     from neodragon_jax.config import load_config
     from neodragon_jax.sharding import activate, make_mesh
     from train import stages as stages_lib
     from train.state import build_setup
     from train.step import batch_sharding_tree, jit_train_step
 
-    cfg = load_config("tiny", [*DEMO_OVERRIDES, 'train.stage="flow"', f"train.global_batch={batch}",
+    cfg = load_config(DEFAULT_CONFIG, [*DEMO_OVERRIDES, 'train.stage="flow"', f"train.global_batch={batch}",
                                "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", f"model.mmdit.num_layers={blocks}",
                                f"model.mmdit.scan_blocks={str(scan).lower()}", *extra])
     stage = stages_lib.get_stage("flow", cfg)

@@ -1,14 +1,14 @@
 """VAE recipe sweep: train the demo's VAE with one recipe, score its held-out reconstructions.
 
 Each run trains ``train.vae.VAEStage`` (the demo's loss) on random crops of a demo workdir's decoded training
-clips, then reconstructs the held-out renders (posterior mean, whole 17-frame clips) and scores them with the
+clips, then reconstructs the held-out renders (posterior mean, whole clips) and scores them with the
 pixel scorer. One JSON line per run goes to ``--out``: held-out PSNR, per-attribute accuracy, quality figures
 and the training-loss curve. Recipes are ``key=value`` words; ``set=`` takes ``;``-separated config overrides
 on top of the demo's own (``neodragon_cli.demo.DEMO_OVERRIDES``)::
 
-    python bench/bench_vae_recipes.py --workdir runs/demo A steps=1500 init=lecun zero=0 \\
+    python bench/bench_vae_recipes.py --workdir runs/demo A steps=800 chroma=0 \\
         set="model.vae.causal.norm_groups=1;model.vae.causal.temporal_down=[true,true,true,false]"
-    python bench/bench_vae_recipes.py --workdir runs/demo B steps=1500 frames=9
+    python bench/bench_vae_recipes.py --workdir runs/demo B steps=800 frames=9 batch=8
 
 The first run caches the clips and held-out videos in ``<workdir>/bench_vae_recipes.npz`` (about 20 MB; copy
 it beside a checkout to run recipes on a machine without the workdir, e.g. several in parallel on one GPU
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULTS = dict(steps=1500, batch=4, lr=5e-4, init="inflated", zero=1, chroma=0.0, crop=32, frames=17, set="",
+DEFAULTS = dict(steps=800, batch=32, lr=4e-3, init="inflated", zero=1, chroma=1.0, crop=32, frames=1, set="",
                 seed=0, evalevery=0)
 
 
@@ -64,13 +64,13 @@ def main() -> None:
     import optax
     from flax import nnx
 
-    from neodragon_cli.demo import DEMO_OVERRIDES
+    from neodragon_cli.demo import DEFAULT_CONFIG, DEMO_OVERRIDES
     from neodragon_jax.config import load_config
     from neodragon_jax.data.video_io import to_uint8_frames
     from neodragon_jax.eval.scorer import score_pairs
     from train.vae import VAEStage, reconstruct, to_model_video
 
-    cfg = load_config("tiny", list(DEMO_OVERRIDES) + [s for s in a["set"].split(";") if s])
+    cfg = load_config(DEFAULT_CONFIG, list(DEMO_OVERRIDES) + [s for s in a["set"].split(";") if s])
     clips, heldout, texts = load_arrays(Path(args.workdir), cfg)
     stage = VAEStage(cfg, clip_frames=a["frames"], crop=a["crop"], progress=False, kernel_init=a["init"],
                      zero_init_residual=bool(a["zero"]))
