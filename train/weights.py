@@ -16,7 +16,14 @@ Sources are written as short specs, the same strings a stage's roles take as the
 ``npz:FILE[#SUBTREE][->TARGET]``                       an ``.npz`` of named arrays (``a.b.c`` or ``a/b/c`` names)
 ``prune:ROLE[i,j,...]``                                another role's MMDiT blocks ``i, j, ...`` (in that order;
                                                        ``prune:ROLE.CONTAINER[...]`` for another numbered list)
+``release:NAME``                                       a release shipped in the package
+                                                       (``neodragon_jax.releases``; its files checked against its
+                                                       record), then read like ``official:`` its folder
 =====================================================  ==========================================================
+
+A module that is only a part of an official component (the teacher MMDiT's ``context_embedder`` alone:
+``neodragon_jax.convert.registry.PART_OF``) takes from that component's file exactly the tensors its key map
+names, and only those are read from disk.
 
 ``SUBTREE`` (dotted) picks part of the source; ``->TARGET`` (dotted) names the part of the module it fills
 (default: the whole module). Every parameter of the target part must be filled exactly once with its shape,
@@ -45,6 +52,7 @@ SOURCE_FORMS = (
     "run:DIR[@STEP][:ema|:raw][#SUBTREE][->TARGET]",
     "npz:FILE[#SUBTREE][->TARGET]",
     "prune:ROLE[i,j,...]",
+    "release:NAME",
 )
 DEFAULT_PRUNE_CONTAINER = "transformer_blocks"
 
@@ -55,7 +63,7 @@ class WeightSourceError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class WeightSource:
-    kind: str  # random | official | run | npz | prune
+    kind: str  # random | official | run | npz | prune | release
     path: str = ""
     step: int | None = None
     ema: bool = False
@@ -88,10 +96,14 @@ def parse_source(spec: str | WeightSource) -> WeightSource:
     if text in ("", "random"):
         return WeightSource("random")
     kind, sep, rest = text.partition(":")
-    if not sep or kind not in ("official", "run", "npz", "prune"):
+    if not sep or kind not in ("official", "run", "npz", "prune", "release"):
         raise _refuse(text, f"unknown kind {kind!r}" if sep else "no kind")
     if not rest:
         raise _refuse(text, "nothing after the kind")
+    if kind == "release":
+        if not re.fullmatch(r"[\w.-]+", rest):
+            raise _refuse(text, "expected release:NAME (a shipped release, e.g. release:tiny-teacher)")
+        return WeightSource("release", path=rest)
     if kind == "prune":
         m = re.fullmatch(r"([A-Za-z_][\w]*)(?:\.([\w.]+))?\[([\d,\s]*)\]", rest)
         if not m:
@@ -181,9 +193,27 @@ def check_and_place(loaded: Mapping[str, np.ndarray], shapes: Mapping[str, tuple
 
 
 # ----------------------------------------------------------------------------------------------- sources
+def read_safetensors_keys(path: str | Path, keys) -> dict[str, np.ndarray]:
+    """The tensors named in ``keys`` that a safetensors file or folder holds (only those are read)."""
+    from safetensors import safe_open
+
+    from neodragon_jax.convert.io import CheckpointReadError, check_safetensors_file, safetensors_files
+
+    keys, out = set(keys), {}
+    for f in safetensors_files(path):
+        check_safetensors_file(f)
+        try:
+            with safe_open(str(f), framework="numpy") as st:
+                for k in sorted(keys & set(st.keys())):
+                    out[k] = st.get_tensor(k)
+        except Exception as err:  # noqa: BLE001 - SafetensorError carries no file name
+            raise CheckpointReadError(f"{f}: cannot read this safetensors file ({type(err).__name__}: {err})") from None
+    return out
+
+
 def _official(src: WeightSource, module: nnx.Module) -> dict[str, np.ndarray]:
     from neodragon_jax.convert.io import param_shapes, read_safetensors
-    from neodragon_jax.convert.registry import OFFICIAL_FOLDERS, component_kind, keymap_for
+    from neodragon_jax.convert.registry import OFFICIAL_FOLDERS, PART_OF, component_kind, keymap_for
 
     if not isinstance(module, nnx.Module):
         raise WeightSourceError(f"{src}: an official source needs the module (its key map), not a bare tree")
@@ -194,7 +224,22 @@ def _official(src: WeightSource, module: nnx.Module) -> dict[str, np.ndarray]:
             if (path / name).is_dir():
                 path = path / name
                 break
-    return keymap_for(module).to_jax(read_safetensors(path), param_shapes(module))
+    keymap = keymap_for(module)
+    if kind in PART_OF:  # a part of another component's file: read just its own tensors
+        return keymap.to_jax(read_safetensors_keys(path, keymap.torch_keys()), param_shapes(module))
+    return keymap.to_jax(read_safetensors(path), param_shapes(module))
+
+
+def release_folder(name: str) -> Path:
+    """The folder of the shipped release ``name``, its files checked against its record."""
+    from neodragon_jax.releases import ReleaseError, get_release
+
+    try:
+        release = get_release(name)
+        release.verify()
+    except ReleaseError as e:
+        raise WeightSourceError(f"release:{name}: {e} (or name an official folder, official:DIR, or random)") from None
+    return release.folder
 
 
 def checkpoints_folder(path: str | Path) -> Path:
@@ -295,6 +340,8 @@ def read_source(src: WeightSource | str, module: Any = None, *, roles: Mapping[s
         return None
     if src.kind == "official":
         return _official(src, module)
+    if src.kind == "release":
+        return _official(WeightSource("official", path=str(release_folder(src.path))), module)
     if src.kind == "run":
         return _run(src)
     if src.kind == "npz":

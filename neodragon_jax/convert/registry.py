@@ -24,6 +24,12 @@ OFFICIAL_FOLDERS = {
     "distil_t5": ("text_encoder_3",),
     "t5": ("text_encoder_3",),
 }
+# The teacher MMDiT's context embedder alone (text-encoder distillation's frozen CE) lives in the MMDiT's folder.
+OFFICIAL_FOLDERS["context_embedder"] = OFFICIAL_FOLDERS["mmdit"]
+
+#: Kinds whose weights are a part of another component's file: a loader keeps only the tensors their key map
+#: names (strict about those) and ignores the rest of the file.
+PART_OF = {"context_embedder": "mmdit"}
 
 
 def component_kind(model: nnx.Module) -> str:
@@ -32,6 +38,7 @@ def component_kind(model: nnx.Module) -> str:
     from neodragon_jax.models.text.clip import CLIPTextEncoder
     from neodragon_jax.models.text.conditioner import TextConditioner
     from neodragon_jax.models.text.context_adapter import ContextAdapter
+    from neodragon_jax.models.text.context_embedder import ContextEmbedder
     from neodragon_jax.models.text.distil_t5 import DistilT5
     from neodragon_jax.models.text.t5 import T5Encoder
     from neodragon_jax.models.vae import (
@@ -43,6 +50,7 @@ def component_kind(model: nnx.Module) -> str:
         (VAEDecoderPart, "vae_decoder_part"), (CausalVAEEncoder, "vae_encoder"),
         (CausalVAEDecoder, "vae_native_decoder"), (LightDecoder, "vae_light_decoder"), (TextConditioner, "text"),
         (DistilT5, "distil_t5"), (ContextAdapter, "context_adapter"), (T5Encoder, "t5"), (CLIPTextEncoder, "clip"),
+        (ContextEmbedder, "context_embedder"),
     )
     for cls, name in kinds:
         if type(model) is cls or isinstance(model, cls):
@@ -83,4 +91,8 @@ def keymap_for(model: nnx.Module) -> KeyMap:
         return ct.context_adapter_keymap(model.cfg)
     if kind == "t5":
         return ct.t5_encoder_keymap(model.cfg)
+    if kind == "context_embedder":
+        from neodragon_jax.convert.keymap import entries_for_linear
+
+        return KeyMap("context_embedder", tuple(entries_for_linear("context_embedder", "context_embedder")))
     return ct.clip_text_keymap(model.cfg)
