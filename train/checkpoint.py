@@ -59,8 +59,13 @@ class Checkpointer:
         keep: list = [cm.LatestN(n=max(1, cfg.keep_latest))]
         if cfg.keep_every > 0:
             keep.append(cm.EveryNSteps(interval_steps=cfg.keep_every))
+        save: list = [cm.FixedIntervalPolicy(cfg.every_steps)]
+        if cfg.keep_every > 0:
+            # A kept step is also saved: with every_steps=450 and keep_every=1500 nothing was ever kept
+            # before step 4500 (the first common multiple).
+            save.append(cm.FixedIntervalPolicy(cfg.keep_every))
         options = ocp.CheckpointManagerOptions(
-            save_decision_policy=cm.FixedIntervalPolicy(cfg.every_steps),
+            save_decision_policy=cm.AnySavePolicy(save),
             preservation_policy=cm.AnyPreservationPolicy(keep),
             enable_async_checkpointing=cfg.async_save,
             cleanup_tmp_directories=not read_only,

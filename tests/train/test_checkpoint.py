@@ -42,6 +42,17 @@ def test_keeps_latest_n_plus_every_k(tmp_path):
     ck.close()
 
 
+def test_kept_steps_are_saved_even_off_the_save_interval(tmp_path):
+    mesh = make_mesh({"fsdp": 8})
+    ck = Checkpointer(tmp_path, CheckpointConfig(every_steps=3, keep_latest=1, keep_every=5))
+    state = _state(mesh, P("fsdp", None))
+    for step in range(1, 12):
+        ck.save(step, state, CFG_JSON, {"samples_seen": step})
+    ck.wait()
+    assert ck.all_steps() == [5, 10]  # saved 3, 5, 6, 9, 10; kept 5 and 10 (also the latest)
+    ck.close()
+
+
 def test_restore_reshards_onto_another_mesh(tmp_path):
     saved = _state(make_mesh({"fsdp": 8}), P("fsdp", None))
     ck = Checkpointer(tmp_path, CheckpointConfig(every_steps=1))
