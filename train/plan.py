@@ -20,6 +20,12 @@ Figures: parameter / optimizer / frozen / batch bytes per device are exact (from
 (activations + workspace) and argument/output sizes come from ``compiled.memory_analysis()``, and FLOPs per
 device from ``compiled.cost_analysis()`` of the partitioned module; on simulated CPU devices these are the
 CPU backend's figures (fusion and layout differ from TPU/GPU, so treat temp bytes as an estimate).
+
+TPU topologies (``plan(..., topology="v5e:4x4")``): with libtpu installed the step is compiled in this process
+by the TPU compiler for the topology's compile-only devices (``neodragon_jax.accelerators``), attention traced
+for TPU (``auto`` = Pallas splash). Memory figures are then the TPU compiler's own buffer assignment (plus
+the executable's code, which lives in HBM), and the cost analysis adds ``optimal_seconds``, the compiler's
+estimate of the step time, from which the report derives an MFU against the chip's published peak.
 """
 
 from __future__ import annotations
@@ -67,14 +73,39 @@ class PlanReport:
     #: (a, b) when every figure was extrapolated from compiles at a and b MMDiT blocks, else None.
     depth_probe: tuple[int, int] | None = None
     num_layers: int | None = None
+    #: TPU plans: the topology (``v5e:4x4``) and chip (``v5e``) compiled for; None on simulated CPU devices.
+    topology: str | None = None
+    chip: str | None = None
+    #: the attention implementation and remat policy the MMDiT was traced with (None: no MMDiT)
+    attention: str | None = None
+    remat: str | None = None
+    #: the executable's code (in HBM on TPU; 0 when not counted)
+    generated_code_bytes_per_device: int = 0
+    bytes_accessed_per_device: float = 0.0
+    #: the TPU compiler's estimate of the step time (``cost_analysis()["optimal_seconds"]``), None elsewhere
+    est_step_seconds: float | None = None
 
     @property
     def total_bytes_per_device(self) -> int:
-        """Resident state + frozen + batch + temporaries (donated outputs alias their inputs)."""
+        """Resident state + frozen + batch + temporaries (donated outputs alias their inputs) + code (TPU)."""
         return (
             self.param_bytes_per_device + self.optimizer_bytes_per_device + self.frozen_bytes_per_device
-            + self.batch_bytes_per_device + self.temp_bytes_per_device
+            + self.batch_bytes_per_device + self.temp_bytes_per_device + self.generated_code_bytes_per_device
         )
+
+    @property
+    def peak_flops_per_device(self) -> float | None:
+        from neodragon_jax.accelerators import CHIPS
+
+        return CHIPS[self.chip].peak_bf16_flops if self.chip in CHIPS else None
+
+    @property
+    def est_mfu(self) -> float | None:
+        """Compiled FLOPs per device / (estimated step time x the chip's peak bf16 FLOP/s); None without both."""
+        peak = self.peak_flops_per_device
+        if not peak or not self.est_step_seconds:
+            return None
+        return self.flops_per_device / (self.est_step_seconds * peak)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -94,9 +125,12 @@ class PlanReport:
             return f"{b:9d} B"
 
         mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
+        target = f"TPU {self.chip} topology {self.topology} (TPU compiler)" if self.topology else self.platform
         lines = [
-            f"plan: stage {self.stage!r}, mesh {mesh}, rules {self.rules!r}, compiled for {self.platform}",
+            f"plan: stage {self.stage!r}, mesh {mesh}, rules {self.rules!r}, compiled for {target}",
         ]
+        if self.attention or self.remat:
+            lines.append(f"  MMDiT attention {self.attention}, remat {self.remat}")
         if self.depth_probe:
             a, b = self.depth_probe
             lines.append(f"  {self.num_layers} MMDiT blocks, extrapolated from compiles at {a} and {b} blocks")
@@ -112,10 +146,19 @@ class PlanReport:
             f"              frozen      {gib(self.frozen_bytes_per_device)}",
             f"              batch       {gib(self.batch_bytes_per_device)}",
             f"              temporaries {gib(self.temp_bytes_per_device)}",
+        ]
+        if self.generated_code_bytes_per_device:
+            lines.append(f"              code        {gib(self.generated_code_bytes_per_device)}")
+        lines += [
             f"              total       {gib(self.total_bytes_per_device)}",
             f"  FLOPs per step: {self.flops_per_device:.4g} per device, {self.flops_per_step:.4g} total",
-            f"  compile time {self.compile_seconds:.1f}s",
         ]
+        if self.est_step_seconds:
+            mfu = self.est_mfu
+            lines.append(f"  estimated step time (TPU compiler): {self.est_step_seconds * 1e3:.1f} ms"
+                         + (f", MFU {100 * mfu:.1f}% of {self.peak_flops_per_device / 1e12:.0f} TFLOP/s bf16 peak"
+                            if mfu is not None else ""))
+        lines.append(f"  compile time {self.compile_seconds:.1f}s")
         return "\n".join(lines)
 
 
@@ -124,35 +167,80 @@ def _device_bytes(tree: Any) -> int:
     return sharding_report(tree).device_bytes if leaves else 0
 
 
+#: Custom calls XLA:TPU inserts that its cost model scores as -1 s each (seen with libtpu 0.0.42.1: ``ZeroCrop``
+#: around unevenly sharded slices, ``ConcatBitcast`` for concatenations); they are layout glue.
+UNCOSTED_CUSTOM_CALLS = ("ZeroCrop", "ConcatBitcast")
+
+
+def _tpu_step_seconds(compiled, cost: dict) -> float | None:
+    """``optimal_seconds`` of the TPU cost model, or None. Each op the model cannot cost counts -1 s; the
+    custom calls of :data:`UNCOSTED_CUSTOM_CALLS` are added back, anything still negative is unknown."""
+    opt = cost.get("optimal_seconds")
+    if opt is None:
+        return None
+    opt = float(opt)
+    if opt < 0:
+        try:
+            text = compiled.as_text()
+        except Exception:
+            return None
+        opt += sum(text.count(f'custom_call_target="{name}"') for name in UNCOSTED_CUSTOM_CALLS)
+    return opt if opt > 0 else None
+
+
+def _cost(compiled) -> dict:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends do not implement it
+        return {}
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
 def plan_in_process(stage, cfg: Config, mesh_shape: Mapping[str, int] | str | None = None, *,
-                    global_batch: int | None = None) -> PlanReport:
-    """Plan on this process's devices (needs at least as many as the mesh has)."""
+                    global_batch: int | None = None, devices=None, topology: str | None = None,
+                    chip: str | None = None) -> PlanReport:
+    """Plan on this process's devices (needs at least as many as the mesh has), or on ``devices`` (the
+    compile-only devices of a TPU ``topology``, see :func:`plan`)."""
+    from neodragon_jax.layers.attention import attention_platform, resolve_attention
+    from neodragon_jax.layers.core import as_dtype
+    from neodragon_jax.models.mmdit import PyramidMMDiT
     from train.state import build_setup
     from train.step import batch_sharding_tree, compile_step
 
+    pool = list(jax.devices() if devices is None else devices)
+    platform = pool[0].platform
     shape = parse_mesh_shape(mesh_shape if mesh_shape is not None else cfg.mesh)
     if any(v == -1 for v in shape.values()):
-        n = jax.device_count()
+        n = len(pool)
     else:
         n = mesh_devices_needed(shape)
-    if n > jax.device_count():
-        raise RuntimeError(f"mesh {shape} needs {n} devices, this process has {jax.device_count()}; use plan()")
-    mesh = make_mesh(shape, devices=jax.devices()[:n])
+    if n > len(pool):
+        raise RuntimeError(f"mesh {shape} needs {n} devices, this process has {len(pool)}; use plan()")
+    mesh = make_mesh(shape, devices=pool[:n])
     gb = global_batch or cfg.train.global_batch
-    setup = build_setup(stage, cfg, mesh)
-    example, batch_sh = batch_sharding_tree(setup, gb)
-    abstract_batch = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), example, batch_sh)
-    t = time.perf_counter()
-    lowered, compiled = compile_step(setup, gb)
-    seconds = time.perf_counter() - t
+    with attention_platform(platform):
+        setup = build_setup(stage, cfg, mesh)
+        example, batch_sh = batch_sharding_tree(setup, gb)
+        abstract_batch = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), example,
+                                      batch_sh)
+        t = time.perf_counter()
+        lowered, compiled = compile_step(setup, gb)
+        seconds = time.perf_counter() - t
     mem = compiled.memory_analysis()
     flops_dev = compiled_flops(compiled)
+    cost = _cost(compiled)
     a = setup.abstract_state
+    m = cfg.model.mmdit
+    uses_mmdit = any(getattr(spec.graphdef.nodes[0], "type", None) is PyramidMMDiT
+                     for spec in list(setup.trainable.values()) + list(setup.frozen.values()))
+    tpu = platform == "tpu"
     return PlanReport(
         stage=stage.name,
         mesh=dict(mesh.shape),
         rules=setup.rules.name,
-        platform=jax.devices()[0].platform,
+        platform=platform,
         global_batch=gb,
         micro_batches=cfg.train.micro_batches,
         num_params={n: s.num_params for n, s in setup.trainable.items()},
@@ -169,20 +257,37 @@ def plan_in_process(stage, cfg: Config, mesh_shape: Mapping[str, int] | str | No
         flops_per_step=flops_dev * mesh.size,
         compile_seconds=seconds,
         num_layers=cfg.model.mmdit.num_layers,
+        topology=topology,
+        chip=chip,
+        attention=resolve_attention(m.attention, platform=platform, dtype=as_dtype(cfg.precision.dtype))
+        if uses_mmdit else None,
+        remat=m.remat if uses_mmdit else None,
+        generated_code_bytes_per_device=int(getattr(mem, "generated_code_size_in_bytes", 0) or 0) if tpu else 0,
+        bytes_accessed_per_device=float(cost.get("bytes accessed", 0.0) or 0.0),
+        est_step_seconds=_tpu_step_seconds(compiled, cost) if tpu else None,
     )
 
 
 def plan(stage, cfg: Config, mesh_shape: Mapping[str, int] | str | None = None, *,
-         global_batch: int | None = None, timeout: float | None = None) -> PlanReport:
+         global_batch: int | None = None, timeout: float | None = None, topology: str | None = None) -> PlanReport:
     """Per-device memory and FLOPs of ``stage``'s train step on ``mesh_shape`` (default ``cfg.mesh``).
 
     Runs in this process when it has enough devices, else in a subprocess on simulated CPU devices; the
     subprocess rebuilds the stage from ``cfg.train.stage`` (pass ``stage=None`` or a registered stage).
+    ``topology`` (``"v5e:4x4"``): compile with the TPU compiler for that topology instead (in this process;
+    needs libtpu; the mesh must have as many devices as the topology has chips).
     """
     shape = parse_mesh_shape(mesh_shape if mesh_shape is not None else cfg.mesh)
     needed = mesh_devices_needed(shape)
     if stage is None:
         stage = stages_lib.get_stage(cfg.train.stage, cfg)
+    if topology is not None:
+        from neodragon_jax.accelerators import check_mesh_fits_topology, topology_devices
+
+        chip, devices = topology_devices(topology)
+        check_mesh_fits_topology(shape, topology, len(devices))
+        return plan_in_process(stage, cfg, shape, global_batch=global_batch, devices=devices, topology=topology,
+                               chip=chip.name)
     if needed <= jax.device_count():
         return plan_in_process(stage, cfg, shape, global_batch=global_batch)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stage=cfg.train.stage or stage.name))
@@ -234,6 +339,8 @@ def extrapolate_depth(lo: PlanReport, hi: PlanReport, num_layers: int) -> PlanRe
             out[f.name] = x + y
         elif f.name.endswith("_per_device") or f.name == "flops_per_step":
             out[f.name] = lin(x, y)
+        elif f.name == "est_step_seconds":
+            out[f.name] = None if x is None or y is None else lin(x, y)
         else:
             out[f.name] = x
     out.update(depth_probe=(a, b), num_layers=num_layers)
@@ -242,7 +349,7 @@ def extrapolate_depth(lo: PlanReport, hi: PlanReport, num_layers: int) -> PlanRe
 
 def plan_by_depth(stage, cfg: Config, mesh_shape: Mapping[str, int] | str | None = None, *,
                   probe: tuple[int, int] = (2, 4), global_batch: int | None = None,
-                  timeout: float | None = None) -> PlanReport:
+                  timeout: float | None = None, topology: str | None = None) -> PlanReport:
     """:func:`plan` at ``cfg``'s MMDiT depth, extrapolated from compiles at the two depths of ``probe``
     (each must be smaller than the configured depth, and at least 2 so the teacher's special last block is
     in both). Falls back to the exact compile when the configured depth is not larger than the probe."""
@@ -250,10 +357,11 @@ def plan_by_depth(stage, cfg: Config, mesh_shape: Mapping[str, int] | str | None
     depth = cfg.model.mmdit.num_layers
     if a < 2 or a == b:
         raise ValueError(f"depth probe needs two different depths >= 2, got {probe}")
+    kw = dict(global_batch=global_batch, timeout=timeout, topology=topology)
     if depth <= b:
-        return plan(stage, cfg, mesh_shape, global_batch=global_batch, timeout=timeout)
-    lo = plan(stage, with_mmdit_depth(cfg, a), mesh_shape, global_batch=global_batch, timeout=timeout)
-    hi = plan(stage, with_mmdit_depth(cfg, b), mesh_shape, global_batch=global_batch, timeout=timeout)
+        return plan(stage, cfg, mesh_shape, **kw)
+    lo = plan(stage, with_mmdit_depth(cfg, a), mesh_shape, **kw)
+    hi = plan(stage, with_mmdit_depth(cfg, b), mesh_shape, **kw)
     return extrapolate_depth(lo, hi, depth)
 
 
