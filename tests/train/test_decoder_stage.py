@@ -166,3 +166,38 @@ def test_short_run_lowers_error_keeps_the_encoder_and_resumes_bit_exact(tmp_path
     keys = flat_shapes(getattr(meta, "tree", meta))
     assert any(k.startswith("params/decoder/decoder/") for k in keys)
     assert not any(k.startswith(("params/encoder", "opt_state/encoder")) or "/encoder/" in k for k in keys)
+
+
+def test_tiny_teacher_decoder_preset_fits_the_tiny_vae_and_is_20x_smaller(tmp_path):
+    # The preset's light decoder undoes the tiny teacher's 4x / 1x VAE and keeps Neodragon's size ratio
+    # (spec §5.2: 22.8x) at the tiny scale; built abstractly, the way the stage builds both families.
+    from train.decoder import DecoderStage
+
+    cfg = load_config("tiny-teacher-decoder", ['stages.decoder.vae="random"', f'train.output_dir="{tmp_path}"'])
+    sizes = {}
+    for family in ("light", "native"):
+        c = load_config("tiny-teacher-decoder", ['stages.decoder.vae="random"', f'stages.decoder.family="{family}"',
+                                                 f'train.output_dir="{tmp_path}"'])
+        dec = nnx.eval_shape(lambda c=c: DecoderStage(c).build_decoder(c, nnx.Rngs(0)))
+        sizes[family] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(dec, nnx.Param)))
+    assert sizes["native"] >= 20 * sizes["light"], sizes
+    enc = nnx.eval_shape(lambda: DecoderStage(cfg).build_encoder(cfg, nnx.Rngs(0)))
+    dec = nnx.eval_shape(lambda: DecoderStage(cfg).build_decoder(cfg, nnx.Rngs(0)))
+    v = cfg.video
+    (ge, se), (gd, sd) = nnx.split(enc), nnx.split(dec)
+    x = jax.ShapeDtypeStruct((1, 3, v.num_frames, v.height, v.width), jnp.float32)
+    z = jax.eval_shape(lambda s, x: nnx.merge(ge, s).encode(x).mean, se, x)
+    assert jax.eval_shape(lambda s, z: nnx.merge(gd, s).decode(z), sd, z).shape == x.shape
+
+
+def test_plan_defaults_for_the_decoder_stage():
+    # `neodragon plan --stage decoder` reads no weights (random encoder) and runs pure data parallelism
+    # unless told otherwise; --set mesh.rules still wins.
+    from neodragon_cli.train import plan_config
+
+    cfg, shape = plan_config("tiny-teacher-decoder", [], "data=2,fsdp=4", "decoder", None)
+    assert cfg.mesh.rules == "dp" and cfg.stages.get_settings("decoder").vae == "random"
+    assert cfg.train.global_batch == 32 and shape["fsdp"] == 4
+    cfg, _ = plan_config("tiny-teacher-decoder", ["mesh.rules=fsdp"], "data=2,fsdp=4", "decoder", None)
+    assert cfg.mesh.rules == "fsdp"
+    assert plan_config("tiny", [], "data=2,fsdp=4", "flow", None)[0].mesh.rules == "fsdp"
