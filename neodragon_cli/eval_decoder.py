@@ -76,7 +76,10 @@ def _held_out_videos(cfg, n: int, seed: int, data: str | None):
     if data:
         from neodragon_jax.data.video_folder import VideoFolder
 
-        folder = VideoFolder.from_config(data, cfg)
+        try:
+            folder = VideoFolder.from_config(data, cfg)
+        except (ValueError, FileNotFoundError) as e:  # DatasetError, DatasetNotFoundError
+            raise EvalError(f"--data {data!r}: {e}") from None
         clips, texts = [], []
         for i in range(len(folder)):
             item = folder.get(i)

@@ -3,7 +3,11 @@
 The VAE's encoder (+ ``quant_conv``) is a frozen role taken from a trained VAE (by default the shipped
 ``tiny-teacher`` release's ``causal_video_vae/``); a new decoder (+ ``post_quant_conv``) is trained end to end
 to reconstruct real videos from that encoder's latents. The latent space does not move, so the MMDiT trained
-on it needs no retraining. ``neodragon train decoder --config tiny-teacher``.
+on it needs no retraining. ``neodragon train decoder --config tiny-teacher-decoder`` (the tiny teacher with a
+light decoder whose flags undo its 4x / 1x VAE and whose size keeps the spec's ~20x ratio).
+
+At full size the stage runs pure data parallelism (``mesh.rules=dp``; ``neodragon plan --stage decoder``
+defaults to it): one 49x320x512 video per device takes 20.5 GiB (see README "Decoder distillation").
 
 Roles:
 

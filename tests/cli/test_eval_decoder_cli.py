@@ -69,6 +69,7 @@ def test_train_then_eval_decoder_and_one_line_errors(tmp_path, capsys, monkeypat
         (["--run", str(run), "--prompts", "1"], "--prompts 0"),
         (["--run", str(run)], "no release named 'tiny-teacher'"),  # the default teacher, absent here
         (["--run", str(run), "--teacher", str(tmp_path / "nope")], "no such folder"),
+        (["--run", str(run), "--prompts", "0", "--data", str(tmp_path / "no-videos")], "--data"),
     ]:
         assert main(["eval", "decoder", *argv]) == 2, argv
         err = capsys.readouterr().err
