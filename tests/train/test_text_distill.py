@@ -132,6 +132,17 @@ def test_extend_adapter_maps_t5_width_and_widths_are_checked(corpus):
         TextDistill(load_config("tiny", ["model.text.t5.d_model=48"]))
 
 
+def test_role_states_hold_no_rng_keys_so_plans_can_size_them(corpus):
+    from neodragon_jax.sharding.checks import sharding_report
+
+    for mode in ("replace", "train-dt5"):  # DT5 frozen, then trained: its head dropout must carry no RNG stream
+        cfg = _cfg(corpus, mode=mode)
+        setup = build_setup(TextDistill(cfg), cfg, _mesh(ONE))
+        for tree in (setup.abstract_frozen, setup.abstract_state["params"], setup.abstract_state["model_state"]):
+            assert not [x for x in jax.tree.leaves(tree) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)]
+        assert sharding_report(setup.abstract_frozen).device_bytes > 0
+
+
 # ----------------------------------------------------------------------------------- frozen, sharded
 def test_frozen_roles_absent_from_checkpoints(corpus, tmp_path):
     from train.loop import run
