@@ -116,12 +116,15 @@ def _chunked_forward(qt, kt, vt, ids, pos, scale, n):
 def _prepare(q, k, v, ids, pos, chunk):
     """Heads-major, padded operands: ``[B, N, Tp, K]`` x3, ``ids [B, Tp]``, ``pos [B|1, Tp]``, chunk count."""
     t = q.shape[1]
-    c = min(chunk, t)
-    tp = _round_up(t, c)
+    # Equal chunks of at most ``chunk`` keys, rounded to 8: padding a 768-token sequence to two chunks of
+    # 512 would add a third of wasted work.
+    n = -(-t // chunk)
+    c = _round_up(-(-t // n), 8)
+    tp = c * n
     qt, kt, vt = (_pad_seq(jnp.swapaxes(x, 1, 2), 2, tp - t, 0) for x in (q, k, v))
     ids = _pad_seq(jnp.asarray(ids, jnp.int32), 1, tp - t, _PAD_ID)
     pos = _pad_seq(jnp.asarray(pos, jnp.int32), 1, tp - t, _PAD_POS)
-    return qt, kt, vt, ids, pos, tp // c
+    return qt, kt, vt, ids, pos, n
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
