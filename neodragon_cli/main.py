@@ -27,6 +27,10 @@ def _load(args):
 
 
 def cmd_plan(args) -> int:
+    if args.topology:
+        from neodragon_cli.plan_tpu import run
+
+        return run(args)
     if args.mesh:
         from neodragon_cli.train import plan_mesh
 
@@ -70,10 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=None, metavar="data=A,fsdp=B,tensor=C",
                    help="instead: compile the full train step ahead of time for this mesh (simulated devices) "
                         "and print per-device memory and FLOPs")
-    p.add_argument("--stage", default=None, choices=["flow", "dmd"],
-                   help="with --mesh: which train step (default flow; dmd = generator + fake score + real score)")
+    p.add_argument("--topology", default=None, metavar="GEN:SHAPE",
+                   help="instead: compile every stage's train step with the TPU compiler for this TPU topology "
+                        "(v5e:4x4, v5e:16x16, v5p:2x2x2, v6e:4x4, ...; needs the tpu extra, runs on a CPU host) and "
+                        "print per-chip memory, FLOPs, estimated step time, MFU and which chips it fits; "
+                        "--mesh defaults to data=1,fsdp=CHIPS, --batch to 2 per chip")
+    p.add_argument("--stage", default=None,
+                   help="with --mesh: which train step, flow (default), dmd (generator + fake score + real score), "
+                        "text-distill or decoder; "
+                        "with --topology: all (default) or a comma list of flow,vae,text-distill,decoder,"
+                        "recover-distill,dmd")
     p.add_argument("--batch", type=int, default=None,
-                   help="with --mesh: global batch (default 4 per batch-sharding device)")
+                   help="with --mesh: global batch (default 4 per batch-sharding device; with --topology 2 per chip)")
     p.add_argument("--depth-probe", default=None, metavar="A,B",
                    help="with --mesh: compile at A and B MMDiT blocks and extrapolate every figure to the "
                         "configured depth (minutes instead of tens of minutes on a CPU; see README 'Planning')")
@@ -102,11 +114,37 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_arguments(p)
     p.set_defaults(func=demo.run)
 
+    from neodragon_cli import text_distill
+
+    p = sub.add_parser("text-distill", help="text-encoder distillation: prompt corpus, teacher-target cache, eval "
+                                            "(report.md), export of the Neodragon folder, the tiny-domain ablation")
+    text_distill.add_arguments(p)
+    p.set_defaults(func=text_distill.run)
+
+    from neodragon_cli import release
+
+    p = sub.add_parser("release", help="trained runs -> a shipped release: official folder layout, evaluated on "
+                                       "held-out prompts, release.json record (what `generate --model` loads)")
+    release.add_arguments(p)
+    p.set_defaults(func=release.run)
+
     from neodragon_cli import export
 
     p = sub.add_parser("export", help="TFLite / ONNX / Qualcomm AI Hub export, checked against the PyTorch mirror")
     export.add_arguments(p)
     p.set_defaults(func=export.run)
+
+    from neodragon_cli import convert, eval_decoder
+
+    p = sub.add_parser("eval", help="`eval decoder --run DIR`: a decoder-distillation run against the native "
+                                    "decoder (PSNR/SSIM per frame, speed, size, scorer on the teacher's videos)")
+    eval_decoder.add_arguments(p)
+    p.set_defaults(func=eval_decoder.run)
+
+    p = sub.add_parser("convert", help="`convert lpips --vgg FILE.pth`: user-supplied weights -> the files this "
+                                       "project loads")
+    convert.add_arguments(p)
+    p.set_defaults(func=convert.run)
     return parser
 
 

@@ -38,6 +38,10 @@ STAGES = (
     StageEntry("toy", "train.stages:ToyStage", "the engine's stand-in: an MLP regressing a fixed function"),
     StageEntry("toy_distill", "train.toy_distill:ToyDistill",
                "the smallest stage with roles: a student MLP against a frozen deeper teacher"),
+    StageEntry("text-distill", "train.text_distill:TextDistill",
+               "prompt-only text-encoder distillation: DistilT5 + ContextAdapter learn the teacher DiT's text tokens"),
+    StageEntry("decoder", "train.decoder:DecoderStage",
+               "asymmetric decoder distillation: a light decoder learns the frozen VAE encoder's latents"),
     StageEntry("dmd_plan", "train.flow_matching:DMDPlanStage",
                "plan-shape stand-in of the DMD step (generator, fake score, real score)", plan_only=True),
 )
