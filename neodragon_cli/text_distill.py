@@ -379,7 +379,8 @@ def write_report(path: Path, r: dict) -> Path:
     else:
         rep.paragraph(f"{d['prompts']} held-out prompts (held-out attribute triples), seed = prompt index, teacher "
                       f"`{d['teacher']}`, schedule {d['schedule']}. Strict scorer accuracy per attribute; chance = the "
-                      f"same videos against deranged captions (each column's own videos). Mean PSNR between the paired videos: "
+                      f"same videos against deranged captions (each column's own videos). Mean PSNR between the "
+                      f"paired videos: "
                       f"{d['psnr_student_vs_teacher_db']:.1f} dB.")
         rep.table(DOWNSTREAM_HEADER, downstream_rows(d))
         rep.image(Path(path).parent / d["sheet"], d["sheet"], "teacher tokens (odd rows) vs student tokens (even rows)")
