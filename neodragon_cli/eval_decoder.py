@@ -200,19 +200,21 @@ def _run(args) -> int:
         raise EvalError(str(e)) from None
     s = stage.settings
     out = Path(args.out or run_dir / "eval").absolute()
-    out.mkdir(parents=True, exist_ok=True)
     print(f"neodragon eval decoder: run {run_dir} ({s.family} decoder), VAE source {s.vae}", flush=True)
 
+    if stage.encoder_init == "random":
+        # Frozen roles are not checkpointed: the run's random encoder is gone, and another one would hand
+        # the trained decoder latents it never saw.
+        raise EvalError(f"--run {str(run_dir)!r} trained against a random VAE (stages.decoder.vae='random', a "
+                        f"smoke run): no encoder or native decoder to measure against; train from release:NAME "
+                        f"or official:DIR")
     encoder = init_jit(lambda: VAEEncoderPart(cfg.model.vae, rngs=nnx.Rngs(0)))
     native = init_jit(lambda: VAEDecoderPart(cfg.model.vae, decoder="native", rngs=nnx.Rngs(0)))
-    if stage.encoder_init == "random":
-        print("  warning: the run's VAE source is random: the native baseline is an untrained decoder", flush=True)
-    else:
-        try:
-            assign(encoder, load_weights(stage.encoder_init, encoder))
-            assign(native, load_weights(stage.encoder_init, native))
-        except WeightSourceError as e:
-            raise EvalError(f"the run's VAE source {s.vae!r} (encoder and native decoder): {e}") from None
+    try:
+        assign(encoder, load_weights(stage.encoder_init, encoder))
+        assign(native, load_weights(stage.encoder_init, native))
+    except WeightSourceError as e:
+        raise EvalError(f"the run's VAE source {s.vae!r} (encoder and native decoder): {e}") from None
     trained, which = _decoder_from_run(stage, cfg, run_dir, args.step, args.weights)
     pipe, teacher_note = _teacher(args.teacher, cfg) if args.prompts else (None, "skipped (--prompts 0)")
     label = "light" if s.family == "light" else "trained native"
@@ -325,6 +327,7 @@ def _run(args) -> int:
         "whole_clip": {k: {m: float(np.mean(v)) for m, v in metrics[k].items()} for k in names},
         "teacher": teacher_note, "scores": scored,
     }
+    out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(summary, indent=1) + "\n")
     rep = MarkdownReport(out / "report.md", f"Decoder distillation: {label} vs native decoder")
     rep.paragraph(f"Run `{run_dir}` ({which} weights), VAE source `{s.vae}`; {len(clips)} held-out videos "

@@ -182,6 +182,12 @@ def resolve_vae_source(spec: str) -> str:
     """``release:NAME`` -> ``official:<its folder>`` (its files checked against its record); other weight
     sources as they are. A missing release is one line naming what to do instead."""
     spec = str(spec).strip()
+    if spec.startswith("official:"):
+        # Checked here, before any compiling: the engine would only read it after building the models.
+        if not Path(spec[len("official:"):]).exists():
+            raise ValueError(f"stages.decoder.vae={spec!r}: no such file or folder (an official causal_video_vae "
+                             f"folder or .safetensors file, or a whole official folder holding one)")
+        return spec
     if not spec.startswith("release:"):
         return spec
     from neodragon_jax.releases import ReleaseError, get_release

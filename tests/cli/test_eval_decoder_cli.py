@@ -12,7 +12,7 @@ from flax import nnx
 
 import neodragon_jax.releases as releases
 from neodragon_cli.main import main
-from neodragon_jax.config import load_config
+from neodragon_jax.config import load_config, to_json
 from neodragon_jax.convert.io import write_safetensors
 from neodragon_jax.convert.vae import pf_vae_keymap
 from neodragon_jax.models.build import init_jit
@@ -63,8 +63,14 @@ def test_train_then_eval_decoder_and_one_line_errors(tmp_path, capsys, monkeypat
     assert rc == 0, capsys.readouterr().err
     capsys.readouterr()
 
-    # Bad input: no run, a run of another kind, a missing teacher (checked before any decoding), --prompts 1.
+    # Bad input: no run, a smoke run against a random VAE (its encoder was never saved), --prompts 1, a
+    # missing teacher (checked before any decoding), an unreadable --data folder.
+    smoke = tmp_path / "smoke"
+    smoke.mkdir()
+    (smoke / "config.json").write_text(to_json(load_config("tiny", SMALL + [
+        "train.stage=decoder", 'stages.decoder.vae="random"'])))
     for argv, want in [
+        (["--run", str(smoke)], "trained against a random VAE"),
         (["--run", str(tmp_path / "nowhere")], "is not a training run folder"),
         (["--run", str(run), "--prompts", "1"], "--prompts 0"),
         (["--run", str(run)], "no release named 'tiny-teacher'"),  # the default teacher, absent here

@@ -108,6 +108,8 @@ def test_bad_settings_are_refused_in_one_line(tmp_path):
         DecoderStage(_cfg(tmp_path, 'stages.decoder.family="tiny"'))
     with pytest.raises(ValueError, match=r"no release named 'nope'.*official:DIR"):
         DecoderStage(_cfg(tmp_path, 'stages.decoder.vae="release:nope"'))
+    with pytest.raises(ValueError, match=r"vae='official:/nowhere/vae': no such file or folder"):
+        DecoderStage(_cfg(tmp_path, 'stages.decoder.vae="official:/nowhere/vae"'))
     with pytest.raises(ValueError, match="up-samples 2x in space and 1x in time but the encoder compresses 4x"):
         DecoderStage(_cfg(tmp_path, "model.vae.light_decoder.spatial_upscale=[false,true]"))
     with pytest.raises(ValueError, match="stages.decoder.lpips: .*no such file"):
