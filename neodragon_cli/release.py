@@ -56,6 +56,7 @@ def add_arguments(p) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override recorded in the release (e.g. sampling.first_unit_steps=[10,10,10])")
     p.add_argument("--overwrite", action="store_true", help="replace an existing release folder")
+    p.add_argument("--training-command", default="", help="the command that trained the runs (recorded)")
 
 
 def parse_schedules(text: str, cfg) -> list[tuple[str, tuple, tuple, tuple]]:
@@ -112,8 +113,15 @@ def _clips_seen(run: Path, cfg) -> dict:
                 except ValueError:
                     break
     steps = int(last["step"]) + 1 if last else 0
-    return {"steps": steps, "global_batch": cfg.train.global_batch, "examples": steps * cfg.train.global_batch,
-            "wall_time_s": float(last.get("time", 0.0)) if last else 0.0}
+    out = {"steps": steps, "global_batch": cfg.train.global_batch, "examples": steps * cfg.train.global_batch}
+    # A recipe phase (the demo's) records its wall time; a run made by `neodragon train` alone does not.
+    done = run / "DONE.json"
+    if done.is_file():
+        try:
+            out["wall_time_s"] = float(json.loads(done.read_text())["seconds"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return out
 
 
 def build_pipeline(flow: Path, vae: Path, text: Path, *, step: int | None, ema: bool, overrides):
@@ -248,6 +256,8 @@ def _run(args) -> int:
             reference = {"file": REFERENCE, "schedule": label, "first_unit_steps": list(first),
                          "later_unit_steps": list(later), "cfg_scales": list(scales), "prompts": prompts[:k_ref],
                          "seeds": list(range(k_ref)),
+                         # The noise depends on JAX's RNG mode (the test suite turns partitionable off).
+                         "jax_threefry_partitionable": bool(jax.config.jax_threefry_partitionable),
                          "judgements": [v.judgements for v in res.report.videos[:k_ref]]}
         acc, ch = res.report.accuracy, res.chance
         print(f"[release] {label} ({res.schedule}, {res.nfe} NFE): " + ", ".join(
@@ -262,6 +272,7 @@ def _run(args) -> int:
             "command": "neodragon release " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["release"] else sys.argv[1:]),
             "commit": _git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].platform}",
+            "training_command": args.training_command,
             "flow_run": str(flow), "flow_step": step, "flow_weights": "raw" if args.raw else "ema",
             "vae_run": str(vae), "text_weights": str(text),
             "flow_training": _clips_seen(flow, flow_cfg),
