@@ -245,22 +245,32 @@ class TrainProgress(threading.Thread):
         self.name_, self.path, self.total, self.keys, self.every = name, metrics, total, keys, every
         self.stop_event = threading.Event()
         self.offset = metrics.stat().st_size if metrics.is_file() else 0
+        self.inode = metrics.stat().st_ino if metrics.is_file() else None
         self.steps_seen = 0
         self.step_seconds = 0.0  # summed host step times: the rate excludes compiling and checkpoint saves
         self.last: dict | None = None
         self.printed: str | None = None
 
     def _read(self) -> None:
-        if not self.path.is_file():
+        try:
+            with open(self.path) as f:
+                st = os.fstat(f.fileno())
+                if st.st_ino != self.inode or st.st_size < self.offset:
+                    # A resumed run rewrites metrics.jsonl without the steps it replays (and a line torn by
+                    # a kill): read the new file from its start.
+                    self.inode, self.offset = st.st_ino, 0
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
             return
-        with open(self.path) as f:
-            f.seek(self.offset)
-            chunk = f.read()
         lines = chunk.split("\n")
         self.offset += len(chunk) - len(lines[-1])  # leave a partly written line for the next read
         for line in lines[:-1]:
             if line.strip():
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue  # progress lines must never stop training: skip what is not a record
                 if self.last is not None:  # the first step's time is mostly compilation
                     self.steps_seen += 1
                     self.step_seconds += float(row.get("step_time", 0.0))
