@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 import re
 
 GIB = 2**30
@@ -92,6 +93,10 @@ def topology_devices(name: str) -> tuple[Chip, list]:
         raise TopologyError(f"--topology {name} {LIBTPU_HINT}")
     from jax.experimental import topologies
 
+    # Compile-only devices open no chip, but libtpu still takes /tmp/libtpu_lockfile, which any other JAX
+    # process on the host holds once it has probed the TPU backend (every JAX process does when libtpu is
+    # installed): without this a plan fails while a training run or a test is alive beside it.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         topo = topologies.get_topology_desc(name.strip().lower(), "tpu")
     except Exception as e:  # libtpu: "Topology layout ... is not divisible ...", "Invalid TPU external name"
