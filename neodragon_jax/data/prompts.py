@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from neodragon_jax.data.video_folder import DatasetError
+from neodragon_jax.releases import file_digest
 
 TRAIN_FILE, HELDOUT_FILE, RECORD = "train.jsonl", "heldout.jsonl", "corpus.json"
 TEXT_FIELDS = ("text", "prompt", "caption")
@@ -79,14 +80,6 @@ def _sha256_lines(texts: Iterable[str]) -> str:
     h = hashlib.sha256()
     for t in texts:
         h.update(t.encode("utf-8") + b"\n")
-    return h.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 
@@ -156,7 +149,7 @@ def build_corpus(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     listed = []
     for src in sources:
         texts = read_prompt_file(src)
-        listed.append({"path": str(src), "sha256": file_sha256(Path(src)), "prompts": len(texts)})
+        listed.append({"path": str(src), "sha256": file_digest(Path(src)), "prompts": len(texts)})
         read += len(texts)
         for t in texts:
             if t in seen:
@@ -169,7 +162,7 @@ def build_corpus(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLik
         hs: set[str] = set()
         for src in heldout:
             texts = read_prompt_file(src)
-            listed.append({"path": str(src), "sha256": file_sha256(Path(src)), "prompts": len(texts), "heldout": True})
+            listed.append({"path": str(src), "sha256": file_digest(Path(src)), "prompts": len(texts), "heldout": True})
             for t in texts:
                 if t not in hs:
                     hs.add(t)
