@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     text_distill.add_arguments(p)
     p.set_defaults(func=text_distill.run)
 
+    from neodragon_cli import prune
+
+    p = sub.add_parser("prune", help="block pruning: importance (JSON + chart), single-block ablations, select the "
+                                     "kept blocks (the student's official folder), eval against the teacher")
+    prune.add_arguments(p)
+    p.set_defaults(func=prune.run)
+
     from neodragon_cli import release
 
     p = sub.add_parser("release", help="trained runs -> a shipped release: official folder layout, evaluated on "

@@ -56,6 +56,7 @@ decoder (``train.decoder_eval``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import threading
 from pathlib import Path
@@ -202,6 +203,45 @@ def resolve_vae_source(spec: str) -> str:
     return f"official:{release.folder}"
 
 
+NORMALISATION_FIELDS = ("image_shift", "image_scale", "video_shift", "video_scale")
+
+
+def source_vae_config(spec: str):
+    """The ``model.vae.causal`` config a weight source's folder states in our ``config.json`` entry, or None
+    when it states none (random, a bare .safetensors file, a run, an official folder)."""
+    from neodragon_jax.config.schema import CausalVAEConfig
+    from neodragon_jax.pipelines.official import OURS, VAE_FOLDER, _from_plain
+
+    if not spec.startswith("official:"):
+        return None
+    path = Path(spec[len("official:"):])
+    for cand in (path / VAE_FOLDER / "config.json", path / "config.json", path.parent / "config.json"):
+        if cand.is_file():
+            j = json.loads(cand.read_text())
+            # The official config.json does not state the normalisation (the pipeline's constants do): only
+            # the folders we write carry it.
+            if OURS in j and "vae" in j[OURS]:
+                return _from_plain(CausalVAEConfig, j[OURS]["vae"]["causal"])
+            return None
+    return None
+
+
+def check_latent_normalisation(encoder_init: str, causal, given: str) -> None:
+    """Refuse a config whose latent shift / scale differ from the ones the encoder's folder states: the DiT's
+    latents were normalised with the folder's constants, so a decoder trained with others decodes something
+    else (silently: every number would still look plausible)."""
+    stated = source_vae_config(encoder_init)
+    if stated is None:
+        return
+    wrong = [(f, getattr(causal, f), getattr(stated, f)) for f in NORMALISATION_FIELDS
+             if getattr(stated, f) is not None and not np.isclose(getattr(causal, f), getattr(stated, f), rtol=1e-9)]
+    if wrong:
+        said = "; ".join(f"{f} is {a!r} in the config, {b!r} in the VAE's config.json" for f, a, b in wrong)
+        sets = " ".join(f"--set model.vae.causal.{f}={b!r}" for f, _, b in wrong)
+        raise ValueError(f"stages.decoder.vae={given!r}: the latent normalisation differs from the encoder's ({said}); "
+                         f"the DiT's latents use the VAE's own constants: {sets}")
+
+
 class DecoderStage(RoleStage):
     name = "decoder"
     settings_class = DecoderSettings
@@ -231,6 +271,7 @@ class DecoderStage(RoleStage):
                 raise ValueError(f"stages.decoder.ms_ssim_scales={s.ms_ssim_scales} needs frames of at least "
                                  f"{2 ** (s.ms_ssim_scales - 1)} pixels")
         self.encoder_init = resolve_vae_source(s.vae)
+        check_latent_normalisation(self.encoder_init, c, s.vae)
         self.decoder_init = self.encoder_init if s.decoder_init == "vae" else s.decoder_init
         self.lpips_widths = None
         if s.lpips:

@@ -238,20 +238,37 @@ def take_rows(x: jax.Array, indices: Sequence[int]) -> jax.Array:
     return x[idx]
 
 
-def grouped_flow_matching_loss(model, batch, rng, *, schedule: PyramidSchedule, groups: Sequence[LossGroup]):
-    """``pyramid_flow_matching_loss`` (same groups, same per-group keys ``fold_in(rng, group_index)``, same
-    per-sample flow-matching loss and batch mean; a test checks they agree) with the groups' rows taken by
-    :func:`take_rows`, so a sharded batch is not gathered onto every device. Returns ``(loss, {loss/stageK})``.
+def grouped_loss(group_loss: Callable, batch, rng, *, groups: Sequence[LossGroup]):
+    """The batch mean of a per-sample loss computed group by group, each group's rows taken by
+    :func:`take_rows` (a sharded batch is not gathered onto every device) with key ``fold_in(rng, gi)``.
+
+    ``group_loss(sub_batch, key, group) -> (per_sample [b], terms {name: per_sample [b]})``. Returns
+    ``(loss, metrics)`` with ``loss/stageK`` (mean over that stage's samples) and each term's batch mean.
     """
-    per_sample, per_stage = [], {}
+    per_sample, per_stage, terms = [], {}, {}
     for gi, g in enumerate(groups):
         sub = {k: (take_rows(v, g.indices) if k in PER_SAMPLE_KEYS else v) for k, v in batch.items()}
-        _, aux = flow_matching_loss(model, sub, jax.random.fold_in(rng, gi), schedule=schedule, stage=g.stage,
-                                    unit=g.unit)
-        per_sample.append(aux["loss_per_sample"])
-        per_stage.setdefault(g.stage, []).append(aux["loss_per_sample"])
+        ps, t = group_loss(sub, jax.random.fold_in(rng, gi), g)
+        per_sample.append(ps)
+        per_stage.setdefault(g.stage, []).append(ps)
+        for name, v in t.items():
+            terms.setdefault(name, []).append(v)
     metrics = {f"loss/stage{st}": jnp.mean(jnp.concatenate(v)) for st, v in sorted(per_stage.items())}
+    metrics.update({name: jnp.mean(jnp.concatenate(v)) for name, v in terms.items()})
     return jnp.mean(jnp.concatenate(per_sample)), metrics
+
+
+def grouped_flow_matching_loss(model, batch, rng, *, schedule: PyramidSchedule, groups: Sequence[LossGroup]):
+    """``pyramid_flow_matching_loss`` (same groups, same per-group keys ``fold_in(rng, group_index)``, same
+    per-sample flow-matching loss and batch mean; a test checks they agree) through :func:`grouped_loss`.
+    Returns ``(loss, {loss/stageK})``.
+    """
+
+    def group_loss(sub, key, g):
+        _, aux = flow_matching_loss(model, sub, key, schedule=schedule, stage=g.stage, unit=g.unit)
+        return aux["loss_per_sample"], {}
+
+    return grouped_loss(group_loss, batch, rng, groups=groups)
 
 
 def _sharded_model(model: nnx.Module) -> Callable:
@@ -463,16 +480,22 @@ class FlowMatchingStage(RoleStage):
     def variants(self, batch_size: int) -> tuple[tuple[LossGroup, ...], ...]:
         return group_variants(batch_size, self.geometry.frames, self.schedule, self.units)
 
-    def loss_fns(self, trainable, frozen, batch, rng):
-        """``(variants, loss_for, params, plan_key)``: ``loss_for(variant)(params) -> (loss, metrics)`` is the
-        loss of one static layout as a function of the trained parameters (nnx.State per model)."""
-        graphdef, params, rest = nnx.split(trainable["mmdit"], nnx.Param, ...)
-        b = jnp.shape(batch["latents"])[0]
+    def flow_batch(self, batch) -> dict:
+        """The per-sample keys plus the empty-prompt condition (the records' row 0, else the dataset's
+        ``null_text.npz``, else none: the loss's mask-based null condition)."""
         fb = {k: batch[k] for k in PER_SAMPLE_KEYS}
         if self.with_null and all(k in batch for k in NULL_KEYS):
             fb.update({k: batch[k][:1] for k in NULL_KEYS})
         elif self.null_text is not None:
             fb.update({k: jnp.asarray(v) for k, v in self.null_text.items()})
+        return fb
+
+    def loss_fns(self, trainable, frozen, batch, rng):
+        """``(variants, loss_for, params, plan_key)``: ``loss_for(variant)(params) -> (loss, metrics)`` is the
+        loss of one static layout as a function of the trained parameters (nnx.State per model)."""
+        graphdef, params, rest = nnx.split(trainable["mmdit"], nnx.Param, ...)
+        b = jnp.shape(batch["latents"])[0]
+        fb = self.flow_batch(batch)
         k_plan, k_loss = jax.random.split(rng)
 
         def loss_for(groups):

@@ -42,6 +42,10 @@ STAGES = (
                "prompt-only text-encoder distillation: DistilT5 + ContextAdapter learn the teacher DiT's text tokens"),
     StageEntry("decoder", "train.decoder:DecoderStage",
                "asymmetric decoder distillation: a light decoder learns the frozen VAE encoder's latents"),
+    StageEntry("recover-flow", "train.pruning:RecoverFlow",
+               "pruning recovery stage 1: the pruned MMDiT trained with pyramidal flow matching"),
+    StageEntry("recover-distill", "train.pruning:RecoverDistill",
+               "pruning recovery stage 2: per-block feature + flow distillation from the frozen full teacher"),
     StageEntry("dmd_plan", "train.flow_matching:DMDPlanStage",
                "plan-shape stand-in of the DMD step (generator, fake score, real score)", plan_only=True),
 )

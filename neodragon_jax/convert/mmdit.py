@@ -82,11 +82,14 @@ def infer_mmdit_config(tensors: Mapping[str, np.ndarray], base: MMDiTConfig | No
     if not blocks:
         raise ValueError("no transformer_blocks.* keys: this is not a pyramidal MMDiT state dict")
     ce = tensors.get("context_embedder.weight")
+    n = max(blocks) + 1
+    # A pruned model's block provenance (from our config.json) survives when it fits the block count.
+    kept = tuple(base.teacher_block_indices) if len(base.teacher_block_indices) == n else ()
     return dataclasses.replace(
         base,
-        num_layers=max(blocks) + 1,
+        num_layers=n,
         context_in_dim=None if ce is None else int(np.shape(ce)[1]),
-        teacher_block_indices=(),
+        teacher_block_indices=kept,
     )
 
 

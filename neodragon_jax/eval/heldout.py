@@ -44,6 +44,13 @@ class HeldoutResult:
     chance: dict[str, float]
     nfe: int
     seconds_per_video: float
+    denoise_seconds: list[float] = dataclasses.field(default_factory=list)  # per video, the first one compiles
+
+    @property
+    def denoise_ms_per_nfe(self) -> float:
+        """Median denoising time per model call over the videos after the first (compile excluded)."""
+        t = self.denoise_seconds[1:] or self.denoise_seconds
+        return float(np.median(t)) * 1e3 / max(self.nfe, 1) if t else float("nan")
 
     def as_dict(self) -> dict:
         """The figures (no videos): accuracy and chance per attribute, all-correct, NFE, time per video."""
@@ -69,18 +76,20 @@ def evaluate_heldout(pipe, prompts: Sequence[str], *, first_unit_steps: Sequence
     first = tuple(first_unit_steps or s.first_unit_steps)
     later = tuple(later_unit_steps or s.later_unit_steps)
     scales = tuple(cfg_scales) if cfg_scales is not None else (s.first_unit_cfg, s.later_unit_cfg)
-    videos, nfe, t0 = [], 0, time.perf_counter()
+    videos, nfe, t0, denoise = [], 0, time.perf_counter(), []
     for i, prompt in enumerate(prompts):
         res = pipe.generate(GenerationRequest(prompt=prompt, seed=seed + i, first_unit_steps=first,
                                               later_unit_steps=later, cfg_scales=scales))
         videos.append(res.frames)
+        denoise.append(res.timings["denoise"])
         nfe = res.nfe
         if progress is not None:
             progress(i + 1, len(prompts))
     seconds = (time.perf_counter() - t0) / max(len(prompts), 1)
     report = score_pairs(zip(videos, prompts))
     chance = chance_level([v.analysis for v in report.videos], list(prompts))
-    return HeldoutResult(schedule_name(first, later, scales), list(prompts), videos, report, chance, nfe, seconds)
+    return HeldoutResult(schedule_name(first, later, scales), list(prompts), videos, report, chance, nfe, seconds,
+                         denoise)
 
 
 __all__ = ["HELDOUT_SEED", "HeldoutResult", "evaluate_heldout", "heldout_prompts", "schedule_name"]

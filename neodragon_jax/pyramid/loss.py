@@ -111,8 +111,17 @@ def _bshape(v: jax.Array, ndim: int) -> jax.Array:
     return v.reshape(v.shape + (1,) * (ndim - v.ndim))
 
 
-def flow_matching_loss(
-    model: Model,
+class FlowInputs(NamedTuple):
+    """What the model sees for one (stage, unit) group, and what it should predict."""
+
+    clips: list            # corrupted history clips oldest -> newest, then the noisy current clip x
+    cond: TextCondition    # text condition after dropout
+    timestep: jax.Array    # [B] model timestep
+    target: jax.Array      # [B, C, F, H, W] velocity target start - end
+    aux: dict              # timestep, sigma_l, history_sigma, text_dropped (each [B])
+
+
+def flow_matching_inputs(
     batch: Mapping[str, Any],
     rng: jax.Array,
     *,
@@ -121,8 +130,8 @@ def flow_matching_loss(
     unit: int,
     text_dropout: float | None = None,
     history_corrupt_ratio: float | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Flow-matching loss of one (stage, unit) group; jit with ``stage``/``unit`` static.
+) -> FlowInputs:
+    """The noisy inputs and velocity target of one (stage, unit) group (jit with ``stage``/``unit`` static).
 
     For each sample: latent pyramid z_k of frames [0, end of ``unit``) by 2x2 mean; one noise draw eps for
     the current clip and its pyramid eps_k (2x2 mean x 2); stage endpoints (same eps_k at both ends)
@@ -131,11 +140,8 @@ def flow_matching_loss(
     n ~ U{0..N-1}, sigma_l = 1 - n/N, x = sigma_l start + (1 - sigma_l) end, target v* = start - end.
     History clips (layout of ``history.history_layout``) are corrupted as sigma_c eps' + (1 - sigma_c) h with
     one sigma_c ~ U(0, corrupt_ratio) per sample shared by its clips and fresh eps' per clip. Text is
-    dropped to the null condition with probability ``text_dropout``. The loss is float32
-    mean((v - v*)^2) per sample, then the batch mean.
-
-    Returns (loss, aux) with aux: ``loss_per_sample`` [B], ``timestep`` [B], ``sigma_l`` [B],
-    ``history_sigma`` [B], ``text_dropped`` [B].
+    dropped to the null condition with probability ``text_dropout``. Every loss that trains on this
+    construction (flow matching, pruning recovery, the DMD fake score) draws its inputs here.
     """
     s = schedule.check_stage(stage)
     S = schedule.num_stages
@@ -187,20 +193,42 @@ def flow_matching_loss(
         cond, dropped = _drop_text(cond, u[2] < p_drop, null)
     else:
         dropped = jnp.zeros((B,), bool)
+    aux = {"timestep": t, "sigma_l": sigma_l, "history_sigma": sig_c, "text_dropped": dropped}
+    return FlowInputs(history + [x], cond, t, target, aux)
 
-    v = model(history + [x], cond.tokens, cond.mask, cond.pooled, t)
-    if v.shape != target.shape:
-        raise ValueError(f"model returned velocity of shape {v.shape}; expected the current clip's {target.shape}")
-    per_sample = jnp.mean(jnp.square(v.astype(jnp.float32) - target), axis=(1, 2, 3, 4))
-    loss = jnp.mean(per_sample)
-    aux = {
-        "loss_per_sample": per_sample,
-        "timestep": t,
-        "sigma_l": sigma_l,
-        "history_sigma": sig_c,
-        "text_dropped": dropped,
-    }
-    return loss, aux
+
+def per_sample_mse(a: jax.Array, b: jax.Array) -> jax.Array:
+    """float32 mean squared difference over every axis but the first: [B]."""
+    d = a.astype(jnp.float32) - b.astype(jnp.float32)
+    return jnp.mean(jnp.square(d), axis=tuple(range(1, d.ndim)))
+
+
+def flow_matching_loss(
+    model: Model,
+    batch: Mapping[str, Any],
+    rng: jax.Array,
+    *,
+    schedule: PyramidSchedule,
+    stage: int,
+    unit: int,
+    text_dropout: float | None = None,
+    history_corrupt_ratio: float | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Flow-matching loss of one (stage, unit) group; jit with ``stage``/``unit`` static.
+
+    Inputs and target from :func:`flow_matching_inputs`; the loss is float32 mean((v - v*)^2) per sample,
+    then the batch mean.
+
+    Returns (loss, aux) with aux: ``loss_per_sample`` [B], ``timestep`` [B], ``sigma_l`` [B],
+    ``history_sigma`` [B], ``text_dropped`` [B].
+    """
+    inp = flow_matching_inputs(batch, rng, schedule=schedule, stage=stage, unit=unit, text_dropout=text_dropout,
+                               history_corrupt_ratio=history_corrupt_ratio)
+    v = model(inp.clips, inp.cond.tokens, inp.cond.mask, inp.cond.pooled, inp.timestep)
+    if v.shape != inp.target.shape:
+        raise ValueError(f"model returned velocity of shape {v.shape}; expected the current clip's {inp.target.shape}")
+    per_sample = per_sample_mse(v, inp.target)
+    return jnp.mean(per_sample), {"loss_per_sample": per_sample, **inp.aux}
 
 
 # ------------------------------------------------------------------------------------------ batch driver
