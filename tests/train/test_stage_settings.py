@@ -26,7 +26,7 @@ def test_settings_are_config_keys_that_reach_the_stage():
 
 def test_unknown_stage_or_field_is_refused_with_the_valid_ones():
     with pytest.raises(ConfigError, match=r"unknown stage 'nosuch' in 'stages.nosuch'; stages with settings: "
-                                          r"decoder, dmd_plan, flow, text-distill, toy, toy_distill, vae"):
+                                          r"decoder, dmd_plan, flow, recover-distill, recover-flow, text-distill, toy, toy_distill, vae"):
         load_config("tiny", ["stages.nosuch.crop=1"])
     with pytest.raises(ConfigError, match=r"unknown config key 'stages.vae.crp'. Did you mean stages.vae.crop"):
         load_config("tiny", ["stages.vae.crp=1"])
