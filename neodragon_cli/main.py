@@ -121,6 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     text_distill.add_arguments(p)
     p.set_defaults(func=text_distill.run)
 
+    from neodragon_cli import dmd
+
+    p = sub.add_parser("synthesize", help="the teacher's videos for a prompt list as training records (DMD data; "
+                                          "batched, resumable)")
+    dmd.add_synthesize_arguments(p)
+    p.set_defaults(func=dmd.run_synthesize)
+
+    p = sub.add_parser("dmd", help="`dmd eval --run DIR`: teacher vs the DMD generator (1-1-1, 4-4-4, hybrid) on "
+                                   "held-out prompts; `dmd export`: the generator as an official folder")
+    dmd.add_dmd_arguments(p)
+    p.set_defaults(func=dmd.run_dmd)
+
     from neodragon_cli import prune
 
     p = sub.add_parser("prune", help="block pruning: importance (JSON + chart), single-block ablations, select the "

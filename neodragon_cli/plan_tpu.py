@@ -12,7 +12,7 @@ import os
 import sys
 
 #: Stages in pipeline order as `--stage` names; each is planned when its stage is registered ("as they
-#: land"); `dmd` is the `dmd_plan` stand-in until a real DMD stage exists.
+#: land").
 TOPOLOGY_STAGES = ("flow", "vae", "text-distill", "decoder", "recover-distill", "dmd")
 #: Stages without an MMDiT: the depth probe does not apply to them.
 NO_MMDIT = frozenset({"vae", "text-distill", "decoder"})
@@ -153,8 +153,6 @@ def run(args) -> int:
                     out.append(row)
                     continue
                 print(f"## {cfg.name}: train step of stage {cli_name!r}" + (f" ({stage})" if stage != cli_name else ""))
-                if stage == "dmd_plan":
-                    print("  (dmd_plan: plan-shape stand-in of the DMD step until the DMD stage lands)")
                 print(report.table())
                 print(f"  examples per chip: {batch / chips:g}")
                 for note in notes:

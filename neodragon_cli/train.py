@@ -14,9 +14,9 @@ from pathlib import Path
 
 DEFAULT_COMPILE_CACHE = "~/.cache/neodragon/jax-compile"
 FULL_SIZE_PRESETS = ("pyramid-flow-sd3-320p", "neodragon-320p")
-# `--stage` names of `neodragon plan --mesh` -> registered stage names. `dmd` falls back to the
-# `dmd_plan` stand-in (train/flow_matching.py) until a real `dmd` stage is registered.
-PLAN_STAGES = {"flow": "flow", "dmd": "dmd", "toy": "toy", "text-distill": "text-distill", "decoder": "decoder"}
+# `--stage` names of `neodragon plan --mesh` -> registered stage names.
+PLAN_STAGES = {"flow": "flow", "dmd": "dmd", "toy": "toy", "text-distill": "text-distill", "decoder": "decoder",
+               "recover-flow": "recover-flow", "recover-distill": "recover-distill"}
 
 
 class CLIError(Exception):
@@ -201,20 +201,9 @@ def _train(cfg, resume: bool, cache: str | None, stop_after: int | None = None) 
 
 # ------------------------------------------------------------------------------------ plan --mesh
 def resolve_plan_stage(name: str) -> str:
-    """``flow`` -> ``flow``; ``dmd`` -> the registered ``dmd`` stage, else the ``dmd_plan`` stand-in."""
-    from train import stages as stages_lib
-
+    """A ``--stage`` name -> the registered stage it plans."""
     if name not in PLAN_STAGES:
         raise CLIError(f"unknown --stage {name!r}; expected one of {sorted(PLAN_STAGES)}")
-    if name == "dmd":
-        import importlib
-
-        try:
-            importlib.import_module("train.dmd")
-        except ModuleNotFoundError as e:
-            if e.name != "train.dmd":
-                raise
-        return "dmd" if "dmd" in stages_lib.available_stages() else "dmd_plan"
     return PLAN_STAGES[name]
 
 
@@ -324,9 +313,6 @@ def plan_mesh(args) -> int:
                             "activation_bytes_per_device": act})
                 continue
             print(f"## {cfg.name}: train step of stage {stage!r}")
-            if stage == "dmd_plan":
-                print("  (dmd_plan: plan-shape stand-in of the DMD step until the DMD stage lands; see "
-                      "train/flow_matching.py DMDPlanStage)")
             print(report.table())
             if act is not None:
                 print(f"  activations saved for backward (estimate, largest layout, per device): {act / GIB:.3f} GiB "

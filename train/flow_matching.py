@@ -24,7 +24,6 @@ the sum. ``train.pyramid_units`` restricts the branches (faster compiles; a plan
 of a layout is :func:`grouped_flow_matching_loss`: ``pyramid_flow_matching_loss``'s computation with each
 stage column's rows taken shard-locally (:func:`take_rows`).
 
-The module also registers ``dmd_plan``: a PLANNING stand-in of the DMD step (see :class:`DMDPlanStage`).
 """
 
 from __future__ import annotations
@@ -43,20 +42,11 @@ from flax import nnx, traverse_util
 from neodragon_jax.config import Config
 from neodragon_jax.layers.core import as_dtype
 from neodragon_jax.models.mmdit import PyramidMMDiT
-from neodragon_jax.pyramid.history import build_history, image_token_count, num_units, unit_frames
-from neodragon_jax.pyramid.loss import (
-    NULL_KEYS,
-    PER_SAMPLE_KEYS,
-    LossGroup,
-    TextCondition,
-    flow_matching_loss,
-    null_text_condition,
-    stage_assignment,
-)
-from neodragon_jax.pyramid.pyramids import downsample_2x, latent_pyramid, noise_pyramid, upsample_2x
+from neodragon_jax.pyramid.history import image_token_count, num_units
+from neodragon_jax.pyramid.loss import NULL_KEYS, PER_SAMPLE_KEYS, LossGroup, flow_matching_loss, stage_assignment
 from neodragon_jax.pyramid.scheduler import PyramidSchedule, make_schedule
 from neodragon_jax.sharding import constrain
-from train.roles import Frozen, Models, RoleStage, Trained, Update
+from train.roles import RoleStage, Trained
 
 log = logging.getLogger(__name__)
 
@@ -657,172 +647,3 @@ def extract_records(
                    "caption": np.asarray(caption), **null}
 
     return write_npz_records(out_dir, records())
-
-
-# ------------------------------------------------------------------------------------ DMD plan stand-in
-@dataclasses.dataclass(frozen=True)
-class DMDPlanSettings:
-    """``cfg.stages.dmd_plan``: the stand-in's update ratio and roles."""
-
-    # Fake-score updates before each generator update, inside one step (the paper uses 2).
-    fake_updates: int = 2
-    # Blocks of the real score the generator keeps (a pruned student: ``prune:real_score[...]`` with the
-    # student's depth); empty = the generator is as deep as the real score.
-    generator_blocks: tuple[int, ...] = ()
-    # Init sources (``train/weights.py``); empty = ``official:<train.init_checkpoint>`` when set, else random.
-    real_score_init: str = ""
-    fake_score_init: str = ""
-    generator_init: str = ""
-
-
-class DMDPlanStage(FlowMatchingStage):
-    """PLAN-SHAPE STAND-IN for the Pyramidal-DMD step (spec §7.2) until the DMD issue lands; not for training.
-
-    Roles as the real DMD stage will have them: frozen ``real_score`` (``cfg.model.mmdit``), trained
-    ``fake_score`` (same config) and trained ``generator`` (the same, or ``generator_blocks`` of the real
-    score: its own depth through its config overrides, its weights pruned from the real score). Updates, in
-    this order inside one step: the fake score ``fake_updates`` times (flow matching on the detached
-    generator sample at a uniform level), then the generator once (DMD surrogate). Per (stage, unit) group
-    it lowers the real step's structure: generator forward at the stage start (one Euler step to a clean
-    estimate z~), re-noise z~ at one of 4 fixed local levels, real-score forwards with CFG (conditional +
-    empty-prompt rows), fake-score forward, DMD surrogate ``0.5 |z~ - sg(z~ - w (v_real - v_fake))|^2`` plus
-    0.5 x the Cauchy regression term. Placeholders (to be settled by the DMD issue): the exact weighting, tau
-    levels, CFG scale (``sampling.later_unit_cfg``; ``first_unit_cfg`` for unit 0), no history corruption.
-    """
-
-    name = "dmd_plan"
-    settings_class = DMDPlanSettings
-    plan_only = True  # `neodragon train` refuses it
-    TAU_LEVELS = (0.125, 0.375, 0.625, 0.875)
-
-    def __init__(self, cfg: Config):
-        super().__init__(cfg)
-        self.cfg_scales = (float(cfg.sampling.first_unit_cfg), float(cfg.sampling.later_unit_cfg))
-        if self.settings.fake_updates < 1:
-            raise ValueError(f"stages.dmd_plan.fake_updates must be >= 1, got {self.settings.fake_updates}")
-
-    def roles(self, cfg: Config):
-        s = self.settings
-        generator_overrides, generator_init = (), mmdit_init(cfg, s.generator_init)
-        if s.generator_blocks:
-            kept = [int(b) for b in s.generator_blocks]
-            generator_overrides = (f"model.mmdit.num_layers={len(kept)}",
-                                   f"model.mmdit.teacher_block_indices={kept}")
-            generator_init = s.generator_init or f"prune:real_score[{','.join(map(str, kept))}]"
-        return {
-            "real_score": Frozen(self._mmdit, init=mmdit_init(cfg, s.real_score_init)),
-            "fake_score": Trained(self._mmdit, init=mmdit_init(cfg, s.fake_score_init)),
-            "generator": Trained(self._mmdit, overrides=generator_overrides, init=generator_init,
-                                 mask=lambda c, p: self.trainable_mask(c, "generator", p)),
-        }
-
-    def updates(self, cfg: Config):
-        return (Update(("fake_score",), self._update_loss("fake_score"), repeat=self.settings.fake_updates,
-                       name="fake_score"),
-                Update(("generator",), self._update_loss("generator"), name="generator"))
-
-    def _group_losses(self, models, batch, null, key, g: LossGroup, which: tuple[str, ...]):
-        gen, fake, real = (_sharded_model(models[k]) for k in ("generator", "fake_score", "real_score"))
-        sch = self.schedule
-        s, S, fpu = g.stage, sch.num_stages, sch.frames_per_unit
-        z = take_rows(batch["latents"], g.indices).astype(jnp.float32)
-        cond = TextCondition(*(take_rows(batch[k], g.indices) for k in ("text_tokens", "text_mask", "pooled")))
-        B = z.shape[0]
-        a, b = unit_frames(g.unit, fpu)
-        zp = latent_pyramid(z[:, :, :b], S)
-        cur = [lvl[:, :, a:b] for lvl in zp]
-        hist = build_history(zp, g.unit, s, frames_per_unit=fpu)
-        k_eps, k_eps2, k_u = jax.random.split(key, 3)
-        eps = noise_pyramid(jax.random.normal(k_eps, cur[-1].shape, jnp.float32), S)
-        sig_s, sig_e = sch.start_sigmas[s], sch.end_sigmas[s]
-        start = eps[0] if s == 0 else sig_s * eps[s] + (1.0 - sig_s) * upsample_2x(cur[s - 1])
-        t_start = jnp.full((B,), sch.t_max[s], jnp.float32)
-
-        # Generator: one Euler step over the whole stage, then its clean estimate (spec §7.2).
-        v_g = gen(hist + [start], *cond, t_start)
-        z_hat = start - (sig_s / (sig_s - sig_e)) * v_g
-
-        u = jax.random.uniform(k_u, (2, B), jnp.float32)
-        eps2 = jax.random.normal(k_eps2, z_hat.shape, jnp.float32)
-
-        def renoise(x0, tau_l):
-            coarse = eps2 if s == 0 else upsample_2x(downsample_2x(x0))
-            y_start = (1.0 - sig_s) * coarse + sig_s * eps2 if s > 0 else eps2
-            y_end = (1.0 - sig_e) * x0 + sig_e * eps2
-            tl = tau_l.reshape(B, 1, 1, 1, 1)
-            return tl * y_start + (1.0 - tl) * y_end, y_start - y_end, sch.timestep(s, tau_l)
-
-        out = {}
-        if "generator" in which:
-            levels = jnp.asarray(self.TAU_LEVELS, jnp.float32)
-            tau = levels[jnp.minimum((u[0] * len(self.TAU_LEVELS)).astype(jnp.int32), len(self.TAU_LEVELS) - 1)]
-            x_tau, flow_target, t_tau = renoise(z_hat, tau)
-            w_cfg = self.cfg_scales[0] if g.unit == 0 else self.cfg_scales[1]
-            both = TextCondition(*(jnp.concatenate([n, c]) for n, c in zip(null, cond)))
-            dup = lambda x: jnp.concatenate([x, x])  # noqa: E731
-            v_r = real([dup(h) for h in hist] + [dup(x_tau)], *both, dup(t_tau))
-            v_real = jax.lax.stop_gradient(v_r[B:] + w_cfg * (v_r[B:] - v_r[:B]))
-            v_fake = jax.lax.stop_gradient(fake(hist + [x_tau], *cond, t_tau))
-            weight = 1.0 / (jnp.mean(jnp.abs(v_real - jax.lax.stop_gradient(flow_target)), axis=(1, 2, 3, 4),
-                                     keepdims=True) + 1e-6)
-            target = jax.lax.stop_gradient(z_hat - weight * (v_real - v_fake))
-            dmd = 0.5 * jnp.mean(jnp.square(z_hat - target), axis=(1, 2, 3, 4))
-            reg = jnp.log1p(jnp.mean(jnp.square(z_hat - cur[s]), axis=(1, 2, 3, 4)))
-            out["generator"] = dmd + 0.5 * reg
-        if "fake_score" in which:
-            # Flow matching on the detached generator sample at a uniform level.
-            x_f, target_f, t_f = renoise(jax.lax.stop_gradient(z_hat), u[1])
-            v_f = fake(hist + [x_f], *cond, t_f)
-            out["fake_score"] = jnp.mean(jnp.square(v_f - target_f), axis=(1, 2, 3, 4))
-        return out
-
-    def _loss_fns(self, models, batch, rng, which: tuple[str, ...]):
-        """``(variants, loss_for, params, plan_key)`` for the roles ``which`` (the others are constants)."""
-        split = {k: nnx.split(models[k], nnx.Param, ...) for k in which}
-        params = {k: p for k, (_, p, _) in split.items()}
-        b = jnp.shape(batch["latents"])[0]
-        cond = TextCondition(batch["text_tokens"], batch["text_mask"], batch["pooled"])
-        if self.with_null and all(k in batch for k in NULL_KEYS):
-            null1 = TextCondition(*(batch[k][:1] for k in NULL_KEYS))
-        elif self.null_text is not None:
-            null1 = TextCondition(*(jnp.asarray(self.null_text[k]) for k in NULL_KEYS))
-        else:
-            null1 = null_text_condition(TextCondition(*(x[:1] for x in cond)))
-        k_plan, k_loss = jax.random.split(rng)
-        constants = {k: m for k, m in models.items() if k not in which}
-
-        def loss_for(groups):
-            def run(p):
-                mods = {k: nnx.merge(g, p[k], r) for k, (g, _, r) in split.items()}
-                if self.trainable_blocks is not None and "generator" in mods:
-                    _stop_gradient_where(mods["generator"], self.is_trainable)
-                mods.update(constants)
-                per: dict[str, list] = {k: [] for k in which}
-                for gi, g in enumerate(groups):
-                    n = len(g.indices)
-                    null = TextCondition(*(jnp.broadcast_to(v, (n,) + v.shape[1:]).astype(c.dtype)
-                                           for v, c in zip(null1, cond)))
-                    for k, v in self._group_losses(mods, batch, null, jax.random.fold_in(k_loss, gi), g, which).items():
-                        per[k].append(v)
-                return {k: jnp.mean(jnp.concatenate(v)) for k, v in per.items()}, {}
-
-            return run
-
-        return self.variants(b), loss_for, params, k_plan
-
-    def loss_fns(self, trainable, frozen, batch, rng):
-        """Both trained roles' losses in one pass (``activation_bytes``: what a step keeps for backward)."""
-        return self._loss_fns({**trainable, **frozen}, batch, rng, ("generator", "fake_score"))
-
-    def _update_loss(self, role: str):
-        def loss(models: Models, batch, rng):
-            variants, loss_for, params, k_plan = self._loss_fns(models, batch, rng, (role,))
-            (losses, metrics), _ = switch_value_and_grad(variants, k_plan, loss_for, params)
-            return losses[role], metrics
-
-        return loss
-
-    def loss(self, trainable, frozen, batch, rng):
-        variants, loss_for, params, k_plan = self.loss_fns(trainable, frozen, batch, rng)
-        (losses, metrics), _ = switch_value_and_grad(variants, k_plan, loss_for, params)
-        return losses, metrics

@@ -46,8 +46,8 @@ STAGES = (
                "pruning recovery stage 1: the pruned MMDiT trained with pyramidal flow matching"),
     StageEntry("recover-distill", "train.pruning:RecoverDistill",
                "pruning recovery stage 2: per-block feature + flow distillation from the frozen full teacher"),
-    StageEntry("dmd_plan", "train.flow_matching:DMDPlanStage",
-               "plan-shape stand-in of the DMD step (generator, fake score, real score)", plan_only=True),
+    StageEntry("dmd", "train.dmd:PyramidalDMD",
+               "pyramidal DMD: a one-step-per-stage generator against the frozen teacher's CFG score and a fake score"),
 )
 
 _REGISTRY: dict[str, StageEntry] = {}

@@ -42,10 +42,7 @@ def test_plan_config_defaults_rules_and_batch_from_the_mesh():
     cfg, _ = plan_config("tiny", ["mesh.rules=dp"], "fsdp=2,tensor=4", "flow", 3)
     assert cfg.mesh.rules == "dp" and cfg.train.global_batch == 3
     assert resolve_plan_stage("flow") == "flow"
-    try:
-        import train.dmd  # noqa: F401  (the real DMD stage, once it exists, replaces the stand-in)
-    except ModuleNotFoundError:
-        assert resolve_plan_stage("dmd") == "dmd_plan"
+    assert resolve_plan_stage("dmd") == "dmd"
 
 
 @pytest.mark.parametrize("mesh, message", [

@@ -59,9 +59,6 @@ def test_train_error_messages(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "neodragon train: unknown training stage 'nosuch'" in err and "'flow'" in err and "'toy'" in err
 
-    assert main(["train", "dmd_plan", "--workdir", str(tmp_path / "y"), "--compile-cache", "none"]) == 2
-    assert "planning stand-in" in capsys.readouterr().err
-
     assert main(["train", "flow", "--records", str(tmp_path / "missing"), "--compile-cache", "none"]) == 2
     err = capsys.readouterr().err
     assert "--records" in err and "does not exist" in err

@@ -23,7 +23,6 @@ from neodragon_jax.pyramid.scheduler import make_schedule
 from neodragon_jax.sharding import make_mesh
 from train.data import write_npz_records
 from train.flow_matching import (
-    DMDPlanStage,
     FlowMatchingStage,
     extract_records,
     flow_geometry,
@@ -275,27 +274,6 @@ def test_records_from_extract_records_feed_the_stage(tmp_path):
     bad = load_config("tiny", ["data.source=records", f"data.path={out}", "video.height=128", "video.width=128"])
     with pytest.raises(ValueError, match="latents is \\(16, 3, 8, 8\\), the config implies \\(16, 3, 16, 16\\)"):
         FlowMatchingStage(bad)
-
-
-def test_dmd_plan_stage_traces_two_trained_and_one_frozen_model():
-    cfg = load_config("tiny", ["train.stage=dmd_plan", "model.mmdit.num_layers=1", "train.pyramid_units=[0]",
-                               "train.global_batch=4"])
-    stage = get_stage("dmd_plan", cfg)
-    assert isinstance(stage, DMDPlanStage) and stage.plan_only
-    setup = build_setup(stage, cfg, make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1]))
-    assert set(setup.trainable) == {"generator", "fake_score"} and set(setup.frozen) == {"real_score"}
-    from train.step import make_grad_fn
-
-    batch = stage.example_batch(cfg, 4)
-    a = setup.abstract_state
-    # One update per trained model (fake score, then generator), each with its own loss and gradient.
-    for update in setup.updates:
-        loss, metrics, grads = jax.eval_shape(
-            lambda p, r, f, b, u=update: make_grad_fn(setup, u)(p, r, f, b, jax.random.key(0)),
-            a["params"], a["model_state"], setup.abstract_frozen, batch)
-        (role,) = update.roles
-        assert loss.shape == () and set(grads) == {role}
-        assert jax.tree.structure(grads[role]) == jax.tree.structure(a["params"][role])
 
 
 def test_scanned_blocks_take_the_same_sharded_step_as_the_unrolled_loop(tmp_path):

@@ -173,14 +173,14 @@ def test_legacy_optim_hook_ema_decay_is_honoured():
     assert setup.ema_decays == {"student": 0.25} and set(setup.abstract_state["ema"]) == {"student"}
 
 
-def test_dmd_plan_is_three_roles_with_two_fake_updates_per_generator_update():
-    from train.flow_matching import DMDPlanStage
+def test_dmd_is_three_roles_with_two_fake_updates_per_generator_update():
+    from train.dmd import PyramidalDMD
     from train.stages import get_stage
 
-    cfg = load_config("tiny", ["train.stage=dmd_plan", "model.mmdit.num_layers=2", "train.pyramid_units=[0]",
-                               "train.global_batch=4", "stages.dmd_plan.generator_blocks=[1]"])
-    stage = get_stage("dmd_plan", cfg)
-    assert isinstance(stage, DMDPlanStage) and stage.plan_only
+    cfg = load_config("tiny", ["train.stage=dmd", "model.mmdit.num_layers=2", "train.pyramid_units=[0]",
+                               "train.global_batch=4", "stages.dmd.generator_blocks=[1]", "stages.dmd.teacher=random"])
+    stage = get_stage("dmd", cfg)
+    assert isinstance(stage, PyramidalDMD) and not getattr(stage, "plan_only", False)
     setup = build_setup(stage, cfg, make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1]))
     plan = setup.plan
     assert plan.trained == ["fake_score", "generator"] and plan.frozen == ["real_score"]

@@ -26,7 +26,7 @@ def test_settings_are_config_keys_that_reach_the_stage():
 
 def test_unknown_stage_or_field_is_refused_with_the_valid_ones():
     with pytest.raises(ConfigError, match=r"unknown stage 'nosuch' in 'stages.nosuch'; stages with settings: "
-                                          r"decoder, dmd_plan, flow, recover-distill, recover-flow, text-distill, toy, toy_distill, vae"):
+                                          r"decoder, dmd, flow, recover-distill, recover-flow, text-distill, toy, toy_distill, vae"):
         load_config("tiny", ["stages.nosuch.crop=1"])
     with pytest.raises(ConfigError, match=r"unknown config key 'stages.vae.crp'. Did you mean stages.vae.crop"):
         load_config("tiny", ["stages.vae.crp=1"])
@@ -35,9 +35,9 @@ def test_unknown_stage_or_field_is_refused_with_the_valid_ones():
 
 
 def test_settings_survive_the_json_record():
-    cfg = load_config("tiny", ["stages.dmd_plan.fake_updates=3", "stages.dmd_plan.generator_blocks=[0, 1]"])
+    cfg = load_config("tiny", ["stages.dmd.fake_updates=3", "stages.dmd.generator_blocks=[0, 1]"])
     again = from_json(to_json(cfg))
-    assert again == cfg and again.stages.dmd_plan.generator_blocks == (0, 1)
+    assert again == cfg and again.stages.dmd.generator_blocks == (0, 1)
     # A record naming a stage this process does not know is still read (kept as written).
     tree = json.loads(to_json(cfg))
     tree["stages"]["elsewhere"] = {"alpha": 1}
@@ -52,6 +52,6 @@ def test_train_help_lists_every_trainable_stage_from_the_registry(capsys):
         main(["train", "--help"])
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
-    for name in ("flow (", "vae (", "toy (", "toy_distill ("):
+    for name in ("flow (", "vae (", "toy (", "toy_distill (", "dmd (", "recover-flow (", "recover-distill ("):
         assert name in out
     assert "dmd_plan" not in out and "stages.STAGE.FIELD" in out
