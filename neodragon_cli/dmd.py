@@ -143,6 +143,7 @@ def run_dmd(args) -> int:
 
 def load_generator(run_dir: str, *, use_ema: bool = True):
     """``(teacher pipeline, generator pipeline, run config)`` of a dmd run."""
+    import train.stages  # noqa: F401  (registers the stages' settings, which a run's config.json holds)
     from neodragon_jax.config import from_json
     from neodragon_jax.models.mmdit.model import prune
     from train.weights import assign, load_weights
@@ -158,13 +159,16 @@ def load_generator(run_dir: str, *, use_ema: bool = True):
     teacher_spec = s.teacher
     if teacher_spec.startswith("release:"):
         targs = argparse.Namespace(model=teacher_spec[len("release:"):], checkpoint=None, config=None, overrides=[])
+        teacher = load_teacher(targs)
     elif teacher_spec.startswith("official:"):
-        targs = argparse.Namespace(model=None, checkpoint=teacher_spec[len("official:"):], config=None,
-                                   overrides=[])
-        targs.config = cfg.name
+        from neodragon_jax.pipelines.text_to_video import TextToVideoPipeline
+
+        folder = teacher_spec[len("official:"):]
+        if not Path(folder).is_dir():
+            raise DMDError(f"the run's teacher folder {folder!r} is gone")
+        teacher = TextToVideoPipeline.from_official(folder, cfg)
     else:
         raise DMDError(f"the run's teacher {teacher_spec!r} is not a release or an official folder")
-    teacher = load_teacher(targs)
     n = len(teacher.mmdit.transformer_blocks)
     kept = tuple(s.generator_blocks) or tuple(range(n))
     mmdit = prune(teacher.mmdit, kept)

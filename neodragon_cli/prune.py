@@ -148,6 +148,7 @@ def _steps(args, pipe):
 def student_from_path(teacher, path: str, *, use_ema: bool = True):
     """``(pipeline, description)`` of a pruned student: an official folder from ``prune select`` or a
     recovery run (its latest checkpoint; the EMA when it has one)."""
+    import train.stages  # noqa: F401  (registers the stages' settings, which a run's config.json holds)
     from neodragon_jax.models.mmdit.model import prune
     from train.pruning import is_recovery_run, pruned_folder_blocks, student_blocks
     from train.weights import assign, load_weights
