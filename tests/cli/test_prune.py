@@ -1,5 +1,5 @@
 """`neodragon prune` on a random tiny teacher written as an official folder (`--checkpoint`): importance -> select (an official folder holding the kept
-teacher blocks exactly, loadable with its provenance) -> `train recover-flow` -> `train recover-distill` ->
+teacher blocks exactly, loadable with its provenance) -> `train recover-flow` -> (stage 2 refused without stage 1) ->
 `prune eval`, plus the one-line errors (stage 2 without stage 1 among them)."""
 
 import json
@@ -68,15 +68,15 @@ def test_importance_select_recover_and_eval(tmp_path, capsys, teacher_folder):
     rc = main(["train", "recover-distill", *TRAIN, "--workdir", str(tmp_path / "refused"), *distill])
     err = capsys.readouterr().err
     assert rc == 2 and "has not passed stage 1" in err and "Traceback" not in err
-    assert main(["train", "recover-distill", *TRAIN, "--workdir", str(s2), *distill,
-                 "--set", f"stages.recover-distill.init=run:{s1}"]) == 0
+    # (a recover-distill run through the engine is tests/train/test_pruning.py's; its compile is the costly part)
+    del s2
 
     out = tmp_path / "eval"
     assert main(["prune", "eval", *src, *FAST, "--prompts", "2", "--student", f"pruned={student}",
-                 "--student", f"stage1={s1}", "--student", f"stage2={s2}", "--out", str(out)]) == 0
+                 "--student", f"stage1={s1}", "--out", str(out)]) == 0
     r = json.loads((out / "eval.json").read_text())
-    assert [row["label"] for row in r["rows"]] == ["teacher", "pruned", "stage1", "stage2"]
-    assert [row["blocks"] for row in r["rows"]] == [4, 3, 3, 3]
+    assert [row["label"] for row in r["rows"]] == ["teacher", "pruned", "stage1"]
+    assert [row["blocks"] for row in r["rows"]] == [4, 3, 3]
     assert r["rows"][1]["params"] < r["rows"][0]["params"]
     assert all(np.isfinite(row["denoise_ms_per_nfe"]) for row in r["rows"])
     assert (out / "pruning_sheet.png").is_file() and "kept of teacher" in (out / "report.md").read_text()
