@@ -23,6 +23,8 @@ features as the unconditional branch, ``w`` = ``cfg_first`` on the first latent 
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -41,6 +43,8 @@ DEFAULT_LEVELS = (0.125, 0.375, 0.625, 0.875)
 @dataclasses.dataclass(frozen=True)
 class DMDSettings:
     """``cfg.stages.dmd`` (``--set stages.dmd.fake_updates=5``)."""
+
+    STUDENT_BLOCKS: ClassVar[str] = "generator_blocks"  # the field the plan's depth probe scales
 
     teacher: str = "release:tiny-teacher"  # the real score (frozen), and the default init of the other two
     generator_init: str = ""  # "" = the teacher (pruned to generator_blocks when set); or run:/official:

@@ -73,6 +73,8 @@ class PlanReport:
     #: (a, b) when every figure was extrapolated from compiles at a and b MMDiT blocks, else None.
     depth_probe: tuple[int, int] | None = None
     num_layers: int | None = None
+    #: a pruned student's block count when the stage has one (then ``num_layers`` is the teacher's)
+    student_layers: int | None = None
     #: TPU plans: the topology (``v5e:4x4``) and chip (``v5e``) compiled for; None on simulated CPU devices.
     topology: str | None = None
     chip: str | None = None
@@ -133,7 +135,11 @@ class PlanReport:
             lines.append(f"  MMDiT attention {self.attention}, remat {self.remat}")
         if self.depth_probe:
             a, b = self.depth_probe
-            lines.append(f"  {self.num_layers} MMDiT blocks, extrapolated from compiles at {a} and {b} blocks")
+            if self.student_layers:
+                lines.append(f"  {self.num_layers}-block teacher, {self.student_layers}-block student, extrapolated "
+                             f"from compiles at {a}/{a}, {b}/{b} and {b}/{b - 1} teacher/student blocks")
+            else:
+                lines.append(f"  {self.num_layers} MMDiT blocks, extrapolated from compiles at {a} and {b} blocks")
         lines += [
             f"  global batch {self.global_batch} in {self.micro_batches} micro-batch(es)",
             f"  trained params: {', '.join(f'{k} {v:,}' for k, v in self.num_params.items())}",
@@ -311,12 +317,79 @@ def plan(stage, cfg: Config, mesh_shape: Mapping[str, int] | str | None = None, 
         return PlanReport.from_json(out_path.read_text())
 
 
-def with_mmdit_depth(cfg: Config, num_layers: int) -> Config:
-    """``cfg`` with ``num_layers`` MMDiT blocks (a pruned block list is cut to its first ``num_layers``)."""
+def pruned_student(cfg: Config) -> tuple[str, tuple[int, ...]] | None:
+    """``(setting name, kept teacher blocks)`` when the planned stage trains a pruned student beside a deeper
+    teacher config (its settings class names the field in ``STUDENT_BLOCKS``) and that field is set."""
+    name = cfg.train.stage
+    if not name:
+        return None
+    settings = stages_lib.stage_settings(cfg, name)
+    field = getattr(type(settings), "STUDENT_BLOCKS", None)
+    kept = tuple(getattr(settings, field, ()) or ()) if field else ()
+    return (field, kept) if kept else None
+
+
+def spread_blocks(teacher_layers: int, student_layers: int) -> tuple[int, ...]:
+    """``student_layers`` teacher positions spread evenly over ``teacher_layers``, the last always kept."""
+    import numpy as np
+
+    if not 1 <= student_layers <= teacher_layers:
+        raise ValueError(f"a student of {student_layers} blocks cannot be cut from {teacher_layers}")
+    if student_layers == 1:
+        return (teacher_layers - 1,)
+    return tuple(int(k) for k in np.linspace(0, teacher_layers - 1, student_layers).round())
+
+
+def with_mmdit_depth(cfg: Config, num_layers: int, student_layers: int | None = None) -> Config:
+    """``cfg`` with ``num_layers`` MMDiT blocks (a pruned block list is cut to its first ``num_layers``) and,
+    for a stage with a pruned student (:func:`pruned_student`), a student of ``student_layers`` blocks
+    spread over them. Blocks are identical in shape, so which ones are kept does not change a plan."""
     m = cfg.model.mmdit
     kept = tuple(m.teacher_block_indices)[:num_layers]
     m = dataclasses.replace(m, num_layers=num_layers, teacher_block_indices=kept)
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mmdit=m))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mmdit=m))
+    pruned = pruned_student(cfg)
+    if pruned and student_layers is not None:
+        field, _ = pruned
+        name = cfg.train.stage
+        settings = dataclasses.replace(stages_lib.stage_settings(cfg, name),
+                                       **{field: spread_blocks(num_layers, student_layers)})
+        cfg = dataclasses.replace(cfg, stages=cfg.stages.with_settings(name, settings))
+    return cfg
+
+
+def combine_reports(reports: list[PlanReport], points: list[tuple[int, ...]], target: tuple[int, ...],
+                    num_layers: int, depth_probe: tuple[int, int], student_layers: int | None = None) -> PlanReport:
+    """The report at ``target`` block counts from reports compiled at ``points``: every figure is taken affine
+    in the block counts (one count: the MMDiT's depth; two: a teacher's and a pruned student's), so the
+    target figure is the affine combination of the compiled ones whose weights reproduce ``target``."""
+    import numpy as np
+
+    basis = np.array([[1.0, *p] for p in points]).T  # rows: 1, counts...
+    if basis.shape[0] != basis.shape[1] or abs(np.linalg.det(basis)) < 1e-9:
+        raise ValueError(f"depth probe points {points} do not determine an affine function of {len(target)} "
+                         f"block count(s)")
+    weights = np.linalg.solve(basis, np.array([1.0, *target]))
+
+    def lin(values):
+        v = float(sum(w * x for w, x in zip(weights, values)))
+        return int(round(v)) if isinstance(values[0], int) else v
+
+    out = {}
+    for f in dataclasses.fields(PlanReport):
+        values = [getattr(r, f.name) for r in reports]
+        if f.name in ("num_params", "num_frozen_params"):
+            out[f.name] = {k: lin([v[k] for v in values]) for k in values[0]}
+        elif f.name == "compile_seconds":
+            out[f.name] = float(sum(values))
+        elif f.name.endswith("_per_device") or f.name == "flops_per_step":
+            out[f.name] = lin(values)
+        elif f.name == "est_step_seconds":
+            out[f.name] = None if any(v is None for v in values) else lin(values)
+        else:
+            out[f.name] = values[-1]
+    out.update(depth_probe=depth_probe, num_layers=num_layers, student_layers=student_layers)
+    return PlanReport(**out)
 
 
 def extrapolate_depth(lo: PlanReport, hi: PlanReport, num_layers: int) -> PlanReport:
@@ -324,27 +397,7 @@ def extrapolate_depth(lo: PlanReport, hi: PlanReport, num_layers: int) -> PlanRe
     a, b = lo.num_layers, hi.num_layers
     if a is None or b is None or a == b:
         raise ValueError(f"extrapolating needs reports at two different depths, got {a} and {b}")
-    w = (num_layers - a) / (b - a)
-
-    def lin(x, y):
-        v = x + w * (y - x)
-        return int(round(v)) if isinstance(x, int) else float(v)
-
-    out = {}
-    for f in dataclasses.fields(PlanReport):
-        x, y = getattr(lo, f.name), getattr(hi, f.name)
-        if f.name in ("num_params", "num_frozen_params"):
-            out[f.name] = {k: lin(x[k], y[k]) for k in x}
-        elif f.name in ("compile_seconds",):
-            out[f.name] = x + y
-        elif f.name.endswith("_per_device") or f.name == "flops_per_step":
-            out[f.name] = lin(x, y)
-        elif f.name == "est_step_seconds":
-            out[f.name] = None if x is None or y is None else lin(x, y)
-        else:
-            out[f.name] = x
-    out.update(depth_probe=(a, b), num_layers=num_layers)
-    return PlanReport(**out)
+    return combine_reports([lo, hi], [(a,), (b,)], (num_layers,), num_layers, (a, b))
 
 
 def plan_by_depth(stage, cfg: Config, mesh_shape: Mapping[str, int] | str | None = None, *,
@@ -352,7 +405,11 @@ def plan_by_depth(stage, cfg: Config, mesh_shape: Mapping[str, int] | str | None
                   timeout: float | None = None, topology: str | None = None) -> PlanReport:
     """:func:`plan` at ``cfg``'s MMDiT depth, extrapolated from compiles at the two depths of ``probe``
     (each must be smaller than the configured depth, and at least 2 so the teacher's special last block is
-    in both). Falls back to the exact compile when the configured depth is not larger than the probe."""
+    in both). Falls back to the exact compile when the configured depth is not larger than the probe.
+
+    A stage that trains a pruned student beside the full-depth teacher config (``recover-distill``: a
+    24-block teacher and an 18-block student) has two block counts; it is compiled at three points,
+    (a, a), (b, b) and (b, b - 1) teacher/student blocks, and each figure is extrapolated affine in both."""
     a, b = sorted(probe)
     depth = cfg.model.mmdit.num_layers
     if a < 2 or a == b:
@@ -360,6 +417,12 @@ def plan_by_depth(stage, cfg: Config, mesh_shape: Mapping[str, int] | str | None
     kw = dict(global_batch=global_batch, timeout=timeout, topology=topology)
     if depth <= b:
         return plan(stage, cfg, mesh_shape, **kw)
+    pruned = pruned_student(cfg)
+    if pruned:
+        student = len(pruned[1])
+        points = [(a, a), (b, b), (b, b - 1)]
+        reports = [plan(stage, with_mmdit_depth(cfg, t, s), mesh_shape, **kw) for t, s in points]
+        return combine_reports(reports, points, (depth, student), depth, (a, b), student_layers=student)
     lo = plan(stage, with_mmdit_depth(cfg, a), mesh_shape, **kw)
     hi = plan(stage, with_mmdit_depth(cfg, b), mesh_shape, **kw)
     return extrapolate_depth(lo, hi, depth)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import ClassVar, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +96,8 @@ def student_overrides(kept: Sequence[int]) -> tuple[str, ...]:
 class RecoverFlowSettings:
     """``cfg.stages.recover-flow``. ``model.mmdit`` is the TEACHER's config; the student is derived."""
 
+    STUDENT_BLOCKS: ClassVar[str] = "kept"  # the field the plan's depth probe scales
+
     student: str = ""  # the pruned official folder from `neodragon prune select` (architecture + weights)
     kept: tuple[int, ...] = ()  # or: kept teacher block positions (architecture only)
     init: str = ""  # weight source of the student; "" = official:<student> (random with `kept` only)
@@ -126,6 +128,8 @@ class RecoverFlow(FlowMatchingStage):
 @dataclasses.dataclass(frozen=True)
 class RecoverDistillSettings:
     """``cfg.stages.recover-distill``. ``model.mmdit`` is the TEACHER's config; the student is derived."""
+
+    STUDENT_BLOCKS: ClassVar[str] = "kept"  # the field the plan's depth probe scales
 
     student: str = ""  # the pruned folder (architecture); weights come from ``init``
     kept: tuple[int, ...] = ()  # or: kept teacher block positions

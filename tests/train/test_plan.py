@@ -86,6 +86,52 @@ def test_depth_extrapolation_is_affine_in_the_block_count():
         extrapolate_depth(_report(2, 1, 1), _report(2, 1, 1), 18)
 
 
+def _pruned_report(teacher, student):
+    """Figures affine in both block counts, with different per-block costs for the teacher and student."""
+    frozen, trained = 100 + 700 * teacher, 50 + 777 * student
+    return _report(teacher, 0, 0, stage="recover-distill", num_params={"mmdit": trained},
+                   num_frozen_params={"teacher": frozen}, param_bytes_per_device=4 * trained,
+                   optimizer_bytes_per_device=8 * trained, frozen_bytes_per_device=2 * frozen,
+                   temp_bytes_per_device=10_000 + 1_000 * teacher + 3_000 * student,
+                   flops_per_device=1e9 + 1e9 * teacher + 3e9 * student,
+                   flops_per_step=8 * (1e9 + 1e9 * teacher + 3e9 * student), student_layers=student)
+
+
+def test_pruned_stage_extrapolation_is_affine_in_teacher_and_student_depth():
+    from train.plan import PlanReport, combine_reports
+
+    points = [(2, 2), (4, 4), (4, 3)]
+    rep = combine_reports([_pruned_report(*p) for p in points], points, (24, 18), 24, (2, 4), student_layers=18)
+    exact = _pruned_report(24, 18)
+    for name in ("num_params", "num_frozen_params", "param_bytes_per_device", "optimizer_bytes_per_device",
+                 "frozen_bytes_per_device", "temp_bytes_per_device", "flops_per_device", "flops_per_step"):
+        assert getattr(rep, name) == pytest.approx(getattr(exact, name)), name
+    assert rep.num_layers == 24 and rep.student_layers == 18
+    assert "24-block teacher, 18-block student" in rep.table()
+    assert PlanReport.from_json(rep.to_json()) == rep
+    with pytest.raises(ValueError, match="do not determine"):
+        combine_reports([_pruned_report(2, 2)] * 3, [(2, 2), (4, 4), (6, 6)], (24, 18), 24, (2, 4))
+
+
+def test_depth_probe_scales_a_pruned_student_with_the_teacher():
+    import train.stages  # noqa: F401  (registers the stages' settings)
+    from train.plan import pruned_student, spread_blocks, with_mmdit_depth
+
+    assert spread_blocks(4, 3) == (0, 2, 3) and spread_blocks(4, 1) == (3,) and spread_blocks(24, 24) == tuple(range(24))
+    with pytest.raises(ValueError):
+        spread_blocks(3, 4)
+    kept = "[" + ",".join(str(k) for k in range(24) if k not in (3, 7, 11, 15, 19, 20)) + "]"
+    cfg = load_config("tiny", ["model.mmdit.num_layers=24", "train.stage=recover-distill",
+                               f"stages.recover-distill.kept={kept}"])
+    assert pruned_student(cfg)[0] == "kept" and len(pruned_student(cfg)[1]) == 18
+    small = with_mmdit_depth(cfg, 4, 3)
+    assert small.model.mmdit.num_layers == 4 and small.stages.get_settings("recover-distill").kept == (0, 2, 3)
+    dmd = load_config("tiny", ["model.mmdit.num_layers=8", "train.stage=dmd", "stages.dmd.generator_blocks=[0,2,4,6,7]"])
+    assert pruned_student(dmd) == ("generator_blocks", (0, 2, 4, 6, 7))
+    assert with_mmdit_depth(dmd, 4, 4).stages.get_settings("dmd").generator_blocks == (0, 1, 2, 3)
+    assert pruned_student(load_config("tiny", ["train.stage=flow"])) is None
+
+
 @pytest.mark.slow
 def test_depth_probe_predicts_the_compiled_deeper_step():
     """The tiny flow step at 4 blocks on fsdp=8, compiled, against the extrapolation from 2 and 3 blocks.
