@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_train_arguments(p)
     p.set_defaults(func=train.run_train)
 
+    from neodragon_cli import launch
+
+    p = sub.add_parser("launch", help="run a command (e.g. `train flow ...`) as N JAX processes on this machine "
+                                      "(CPU devices, gloo collectives): a local rehearsal of a multi-host run")
+    launch.add_arguments(p)
+    p.set_defaults(func=launch.run)
+
     p = sub.add_parser("bench", help="benchmarks: `bench train` (step time, tokens/s, MFU, plan memory table)")
     bench.add_arguments(p)
     p.set_defaults(func=bench.run)

@@ -154,6 +154,11 @@ def _train(cfg, resume: bool, cache: str | None, stop_after: int | None = None) 
     from train.metrics import NonFiniteError
 
     initialize_distributed(cfg.mesh)  # multi-host: before anything asks JAX about devices
+    main = jax.process_index() == 0
+    if not main:  # one copy of the console output: process 0 speaks for the run, the others only on errors
+        logging.getLogger().setLevel(logging.ERROR)
+        logging.getLogger("absl").setLevel(logging.ERROR)
+    say = print if main else (lambda *a, **k: None)
     try:
         stage = stages_lib.get_stage(cfg.train.stage, cfg)
     except (ValueError, KeyError, FileNotFoundError) as e:
@@ -177,23 +182,24 @@ def _train(cfg, resume: bool, cache: str | None, stop_after: int | None = None) 
             f"it, or choose another --workdir"
         )
     mesh = " x ".join(f"{k}={v}" for k, v in cfg.mesh.shape().items())
-    print(f"neodragon train {cfg.train.stage}: config {cfg.name!r}, {cfg.train.steps} steps, global batch "
-          f"{cfg.train.global_batch}, {jax.device_count()} {jax.devices()[0].platform} device(s), mesh {mesh} "
+    say(f"neodragon train {cfg.train.stage}: config {cfg.name!r}, {cfg.train.steps} steps, global batch "
+          f"{cfg.train.global_batch}, {jax.device_count()} {jax.devices()[0].platform} device(s)"
+          + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "") + f", mesh {mesh} "
           f"({cfg.mesh.rules}), data {data_description(stage, cfg)}", flush=True)
-    print(f"  workdir {cfg.train.output_dir} (config.json, metrics.jsonl, checkpoints/)"
+    say(f"  workdir {cfg.train.output_dir} (config.json, metrics.jsonl, checkpoints/)"
           + (f"; compile cache {cache}" if cache else ""), flush=True)
     if resume and latest is None:
-        print("  --resume: no checkpoint yet, starting from step 0", flush=True)
+        say("  --resume: no checkpoint yet, starting from step 0", flush=True)
     if latest is not None and latest >= cfg.train.steps:
-        print(f"  already at step {latest} >= --steps {cfg.train.steps}: nothing to do", flush=True)
+        say(f"  already at step {latest} >= --steps {cfg.train.steps}: nothing to do", flush=True)
         return 0
     try:
         result = run(cfg, stage=stage, stop_after=stop_after)
     except NonFiniteError as e:
-        print(f"neodragon train: {e}", file=sys.stderr)
+        say(f"neodragon train: {e}", file=sys.stderr)  # every process stops at the same step
         return 3
     loss = result.last_metrics.get("loss")
-    print(f"done: steps {result.start_step}..{result.end_step}"
+    say(f"done: steps {result.start_step}..{result.end_step}"
           + (f", final loss {loss:.5g}" if loss is not None else "")
           + f"; checkpoint {ckpt_dir / str(result.end_step)}", flush=True)
     return 0

@@ -27,7 +27,7 @@ class NonFiniteError(FloatingPointError):
 
 def measure_peak_flops(device=None, *, dtype=None, n: int | None = None, iters: int = 5) -> float:
     """Per-device matmul FLOP/s: best of ``iters`` timed ``[n, n] @ [n, n]`` products (after a warm-up)."""
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]  # jax.devices()[0] belongs to process 0 only
     accel = device.platform in ("gpu", "tpu", "cuda", "rocm")
     dtype = dtype or (jnp.bfloat16 if accel else jnp.float32)
     n = n or (8192 if accel else 512)

@@ -38,6 +38,16 @@ from train.optim import decay_mask, freeze_unmasked, make_optimizer
 from train.weights import WeightSource, flatten, load_weights, merge_into
 
 
+def to_host(tree: Any) -> Any:
+    """``jax.device_get`` that also works on arrays sharded over several processes (all of them call it)."""
+    leaves = jax.tree.leaves(tree)
+    if all(getattr(x, "is_fully_addressable", True) for x in leaves):
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 @dataclasses.dataclass
 class ModelSpec:
     """One model's static graph and abstract (``ShapeDtypeStruct``) state with its variable metadata."""
@@ -171,7 +181,7 @@ class TrainSetup:
             tree = self.init_frozen()[name]["params"]
         else:
             tree = state["params"][name]
-        roles_host[name] = {k: np.asarray(v) for k, v in flatten(jax.device_get(tree)).items()}
+        roles_host[name] = {k: np.asarray(v) for k, v in flatten(to_host(tree)).items()}
 
     def _needed_by_prune(self) -> set[str]:
         return {s.role for s in self.plan.inits.values() if s.kind == "prune"}
@@ -190,7 +200,7 @@ class TrainSetup:
             loaded = self._loaded_weights(n, spec, roles_host)
             if loaded is not None:
                 if isinstance(loaded, tuple):  # ("partial", flat): merge into this role's random init
-                    loaded = merge_into(jax.device_get(new_params[n]), loaded[1])
+                    loaded = merge_into(to_host(new_params[n]), loaded[1])
                 new_params[n] = self._place(loaded, self.state_shardings["params"][n], self.abstract_state["params"][n])
                 changed = True
         if changed:
@@ -222,13 +232,13 @@ class TrainSetup:
             if src.kind == "prune":
                 if src.role in self.frozen:
                     roles_host.setdefault(src.role, {k: np.asarray(v) for k, v in flatten(
-                        jax.device_get(frozen[src.role]["params"])).items()})
+                        to_host(frozen[src.role]["params"])).items()})
                 else:
                     raise roles_lib.RoleError(f"frozen role {n!r} cannot prune trained role {src.role!r}")
             loaded = self._loaded_weights(n, spec, roles_host)
             if loaded is not None:
                 if isinstance(loaded, tuple):
-                    loaded = merge_into(jax.device_get(frozen[n]["params"]), loaded[1])
+                    loaded = merge_into(to_host(frozen[n]["params"]), loaded[1])
                 frozen[n]["params"] = self._place(loaded, self.frozen_shardings[n]["params"],
                                                   self.abstract_frozen[n]["params"])
         if default_key:

@@ -8,6 +8,7 @@ axes that cross slices are laid out over DCN and the rest over ICI.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Mapping, Sequence
 
 import jax
@@ -25,24 +26,71 @@ class MeshError(ValueError):
     """The requested mesh does not fit the axes we know or the devices we have."""
 
 
+#: The process setup ``neodragon launch`` gives each process it starts. They take precedence over
+#: ``mesh.distributed``: the same ``train`` command then runs unchanged under the local launcher.
+LAUNCH_ENV = {
+    "coordinator_address": "NEODRAGON_COORDINATOR_ADDRESS",
+    "num_processes": "NEODRAGON_NUM_PROCESSES",
+    "process_id": "NEODRAGON_PROCESS_ID",
+}
+#: A process that stops sending heartbeats is declared dead after this many seconds, and every other
+#: process then aborts instead of waiting in a collective for it forever (JAX's default is 100 s).
+HEARTBEAT_ENV = "NEODRAGON_HEARTBEAT_TIMEOUT_S"
+DEFAULT_HEARTBEAT_TIMEOUT_S = 45
+
+
+def launch_environment(environ: Mapping[str, str] | None = None) -> dict | None:
+    """``{coordinator_address, num_processes, process_id}`` from the ``NEODRAGON_*`` launch variables, or
+    None when none is set; :class:`MeshError` when they are incomplete or not numbers."""
+    environ = os.environ if environ is None else environ
+    raw = {k: environ.get(v) for k, v in LAUNCH_ENV.items()}
+    if all(v is None for v in raw.values()):
+        return None
+    missing = [LAUNCH_ENV[k] for k, v in raw.items() if not v]
+    if missing:
+        raise MeshError(f"the launch environment sets {', '.join(v for k, v in LAUNCH_ENV.items() if raw[k])} but "
+                        f"not {', '.join(missing)}; set all three (`neodragon launch` does) or none")
+    try:
+        count, rank = int(raw["num_processes"]), int(raw["process_id"])
+    except ValueError:
+        raise MeshError(f"{LAUNCH_ENV['num_processes']}={raw['num_processes']!r} and "
+                        f"{LAUNCH_ENV['process_id']}={raw['process_id']!r} must be integers") from None
+    if not 0 <= rank < count:
+        raise MeshError(f"{LAUNCH_ENV['process_id']}={rank} must be in [0, {LAUNCH_ENV['num_processes']}={count})")
+    return {"coordinator_address": raw["coordinator_address"], "num_processes": count, "process_id": rank}
+
+
+def _heartbeat_timeout() -> int:
+    raw = os.environ.get(HEARTBEAT_ENV, "")
+    try:
+        value = int(raw) if raw else DEFAULT_HEARTBEAT_TIMEOUT_S
+    except ValueError:
+        raise MeshError(f"{HEARTBEAT_ENV}={raw!r} must be a whole number of seconds") from None
+    if value < 1:
+        raise MeshError(f"{HEARTBEAT_ENV}={value} must be >= 1 second")
+    return value
+
+
 def initialize_distributed(cfg: MeshConfig) -> None:
-    """``jax.distributed.initialize`` once, from config (``'on'``) or the cluster environment (``'auto'``)."""
+    """``jax.distributed.initialize`` once: from the ``neodragon launch`` environment, from config
+    (``'on'``) or from the cluster environment (``'auto'``)."""
     global _DISTRIBUTED_DONE
-    if cfg.distributed == "off" or _DISTRIBUTED_DONE:
+    launch = launch_environment()
+    if _DISTRIBUTED_DONE or (launch is None and cfg.distributed == "off"):
         return
-    if cfg.distributed == "on":
+    if launch is None and cfg.distributed == "on":
         if not cfg.coordinator_address:
             raise MeshError(
                 "mesh.distributed='on' needs mesh.coordinator_address=host:port (plus mesh.num_processes and "
                 "mesh.process_id); use mesh.distributed='auto' on TPU/SLURM to read them from the environment"
             )
-        jax.distributed.initialize(
-            coordinator_address=cfg.coordinator_address,
-            num_processes=cfg.num_processes,
-            process_id=cfg.process_id,
-        )
-    else:
-        jax.distributed.initialize()
+        launch = {"coordinator_address": cfg.coordinator_address, "num_processes": cfg.num_processes,
+                  "process_id": cfg.process_id}
+    if (jax.config.jax_platforms or "") == "cpu" and not jax.config.jax_cpu_collectives_implementation:
+        # Without a collectives implementation a multi-process CPU program fails at its first cross-process op.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    timeout = _heartbeat_timeout()
+    jax.distributed.initialize(**(launch or {}), heartbeat_timeout_seconds=timeout, shutdown_timeout_seconds=timeout)
     _DISTRIBUTED_DONE = True
     log.info("jax.distributed initialised: process %d of %d", jax.process_index(), jax.process_count())
 
