@@ -53,6 +53,9 @@ def add_dmd_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--prompts", type=int, default=HELDOUT_DEFAULT, help=f"held-out prompts (default {HELDOUT_DEFAULT})")
     e.add_argument("--raw", action="store_true", help="the raw generator weights instead of its EMA")
     e.add_argument("--out", default=None, help="report folder (default RUN/eval)")
+    e.add_argument("--teacher-schedule", action="append", default=[], metavar="A-B-C",
+                   help="also score the teacher at this schedule with its CFG (repeatable; e.g. 20-20-20, the "
+                        "paper's teacher schedule); NFE ratios are then reported against each teacher row")
     x = sub.add_parser("export", help="the DMD generator as an official folder")
     x.add_argument("--run", required=True, help="a dmd run folder")
     x.add_argument("--raw", action="store_true")
@@ -211,6 +214,7 @@ def _eval(args) -> int:
     from neodragon_jax.data.video_io import write_png
     from neodragon_jax.eval.heldout import heldout_prompts
     from neodragon_jax.eval.report import labelled_sheet
+    from neodragon_jax.pipelines.text_to_video import ScheduleError, parse_schedule
 
     teacher, gen, _ = load_generator(args.run, use_ema=not args.raw)
     out = Path(args.out or Path(args.run) / "eval")
@@ -218,8 +222,16 @@ def _eval(args) -> int:
     prompts = heldout_prompts(args.prompts)
     s = teacher.cfg.sampling
     one, four = (1, 1, 1), (4, 4, 4)
+    extra = []
+    for text in args.teacher_schedule:
+        try:
+            first, later = parse_schedule(text, teacher.cfg.pyramid.num_stages)
+        except ScheduleError as e:
+            raise PruneError(f"--teacher-schedule {text!r}: {e}") from None
+        extra.append((f"teacher {text}", teacher, first, later, (s.first_unit_cfg, s.later_unit_cfg)))
     runs = [
         ("teacher", teacher, tuple(s.first_unit_steps), tuple(s.later_unit_steps), (s.first_unit_cfg, s.later_unit_cfg)),
+        *extra,
         ("teacher 1-1-1", teacher, one, one, (0.0, 0.0)),
         ("DMD 1-1-1", gen, one, one, (0.0, 0.0)),
         ("DMD 4-4-4", gen, four, four, (0.0, 0.0)),
@@ -234,6 +246,13 @@ def _eval(args) -> int:
         ref = sum(base.report.accuracy[a] for a in KEPT_ATTRIBUTES)
         row["kept_share"] = sum(res.report.accuracy[a] for a in KEPT_ATTRIBUTES) / ref if ref else None
         row["nfe_ratio"] = base.nfe / res.nfe if res.nfe else None
+        # against each extra teacher schedule: (its NFE / this row's, this row's accuracy share of its)
+        for ref_label, *_ in extra:
+            ref_res = results[ref_label]
+            ref_sum = sum(ref_res.report.accuracy[a] for a in KEPT_ATTRIBUTES)
+            row.setdefault("against", {})[ref_label] = {
+                "nfe_ratio": ref_res.nfe / res.nfe if res.nfe else None,
+                "kept_share": sum(res.report.accuracy[a] for a in KEPT_ATTRIBUTES) / ref_sum if ref_sum else None}
         rows.append(row)
         _say(f"{label}: {_acc(res)}, NFE {res.nfe}, {res.seconds_per_video:.3f} s per video")
     k = min(8, len(prompts))
@@ -261,12 +280,19 @@ def _write_report(path: Path, r: dict) -> None:
             + [f"{row['accuracy'][a]:.3f} ({row['chance'][a]:.3f})" for a in attrs]
             + ["n/a" if row["kept_share"] is None else f"{row['kept_share']:.1%}", f"{row['seconds_per_video']:.3f}"]
             for row in r["rows"]]
+    against = sorted({ref for row in r["rows"] for ref in row.get("against", {})})
+    extra = []
+    for ref in against:
+        extra += ["", f"Against **{ref}** (NFE ratio = its NFE / the row's; kept = (colour + motion) / its):", "",
+                  markdown_table(["model", "NFE", "NFE ratio", "kept"], [
+                      [row["label"], row["nfe"], f"{row['against'][ref]['nfe_ratio']:.1f}x",
+                       f"{row['against'][ref]['kept_share']:.1%}"] for row in r["rows"]])]
     path.write_text("\n".join([
         f"# Pyramidal DMD: {r['generator']}", "",
         f"Teacher {r['teacher']}; {r['prompts']} held-out prompts (triples never seen in training), seeds "
         f"0..{r['prompts'] - 1}. 'kept of teacher' = (colour + motion accuracy) / the teacher's with its full "
         f"schedule and CFG. Watch motion and colour separately for the collapse DMD peers report (static or "
-        f"single-colour videos).", "", markdown_table(header, rows), "",
+        f"single-colour videos).", "", markdown_table(header, rows), *extra, "",
         "![teacher, teacher 1-1-1, DMD 1-1-1, DMD 4-4-4, hybrid; same prompts and seeds](dmd_sheet.png)", ""]))
 
 

@@ -131,10 +131,20 @@ def test_synthesize_train_dmd_eval_and_export(tmp_path, capsys):
                  "--workdir", str(run_dir), "--set", "optim.ema_decay=0.9",
                  "--set", f"stages.dmd.teacher=official:{folder}"]) == 0
     out = tmp_path / "eval"
-    assert main(["dmd", "eval", "--run", str(run_dir), "--prompts", "2", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["dmd", "eval", "--run", str(run_dir), "--prompts", "2", "--teacher-schedule", "2-2", "--out",
+                 str(out)]) == 2
+    assert "--teacher-schedule '2-2'" in capsys.readouterr().err
+    assert main(["dmd", "eval", "--run", str(run_dir), "--prompts", "2", "--teacher-schedule", "2-2-2", "--out",
+                 str(out)]) == 0
     rows = json.loads((out / "eval.json").read_text())["rows"]
-    assert [r["label"] for r in rows] == ["teacher", "teacher 1-1-1", "DMD 1-1-1", "DMD 4-4-4", "hybrid"]
+    assert [r["label"] for r in rows] == ["teacher", "teacher 2-2-2", "teacher 1-1-1", "DMD 1-1-1", "DMD 4-4-4",
+                                          "hybrid"]
     nfe = {r["label"]: r["nfe"] for r in rows}
+    against = {r["label"]: r["against"]["teacher 2-2-2"] for r in rows}
+    assert against["DMD 1-1-1"]["nfe_ratio"] == nfe["teacher 2-2-2"] / nfe["DMD 1-1-1"]
+    assert against["teacher 2-2-2"]["kept_share"] == pytest.approx(1.0)
+    assert "Against **teacher 2-2-2**" in (out / "report.md").read_text()
     assert nfe["DMD 1-1-1"] == nfe["teacher 1-1-1"] == 6 and nfe["DMD 4-4-4"] == 24  # 2 latent units x 3 stages
     assert (out / "dmd_sheet.png").is_file()
     exported = tmp_path / "exported"
