@@ -60,6 +60,28 @@ def with_stage_settings(cfg: Config, stage) -> Config:
     return dataclasses.replace(cfg, stages=cfg.stages.with_settings(stage.name, settings))
 
 
+#: How long a process waits at :func:`align_processes` for the others (a slow compile, a cold cache).
+ALIGN_TIMEOUT_S = 3600
+_aligned = 0
+
+
+def align_processes(name: str) -> None:
+    """Wait until every process gets here, over the coordination service rather than a device collective.
+
+    Needed before the first collectives of a program: a CPU (gloo) communicator is set up on first use and
+    gives up after 30 s, and processes can drift further apart than that before the first step (on a resume
+    process 0 reads the compiled step from the persistent cache while the others compile it). A dead
+    process still ends the wait: the coordination service's heartbeat timeout aborts the others.
+    """
+    global _aligned
+    if jax.process_count() == 1:
+        return
+    import orbax.checkpoint as ocp
+
+    _aligned += 1
+    ocp.multihost.get_barrier_sync_fn()(key=f"neodragon_{name}_{_aligned}", timeout_ms=ALIGN_TIMEOUT_S * 1000)
+
+
 def checkpoint_dir(cfg: Config) -> Path:
     return Path(cfg.checkpoint.directory or Path(cfg.train.output_dir) / "checkpoints")
 
@@ -89,6 +111,7 @@ def run(
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(to_json(cfg))
 
+    align_processes("start")
     setup = build_setup(stage, cfg, mesh)
     example, batch_sh = batch_sharding_tree(setup)
     ckpt = Checkpointer(checkpoint_dir(cfg), cfg.checkpoint)
@@ -113,6 +136,7 @@ def run(
     abstract_batch = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), example, batch_sh)
     with activate(mesh, setup.rules):
         compiled = jit_train_step(setup).lower(setup.abstract_state, setup.abstract_frozen, abstract_batch).compile()
+    align_processes("compiled")
     flops = compiled_flops(compiled)
     peak = cfg.train.peak_flops or measure_peak_flops()
     tokens = stages_lib.tokens_per_example(stage, cfg)

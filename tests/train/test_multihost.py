@@ -122,7 +122,7 @@ def runs(tmp_path_factory):
                 os.kill(pids[1], signal.SIGKILL)
                 killed_at = time.monotonic()
                 break
-        assert killed_at is not None, f"never reached step {kill_after}:\n{first.output[-4000:]}"
+        assert killed_at is not None, f"never reached step {kill_after}:\n{_errors(first.output)}"
         rc = first.wait()
         ended_after = time.monotonic() - killed_at
     finally:
@@ -135,7 +135,7 @@ def runs(tmp_path_factory):
         rc2 = second.wait()
     finally:
         second.kill()
-    assert rc2 == 0, f"the relaunch failed (status {rc2}):\n{second.output[-6000:]}"
+    assert rc2 == 0, f"the relaunch failed (status {rc2}):\n{_errors(second.output)}"
 
     # The 2-process checkpoint of step 5 resumed by one process (8 devices): drop the later one from a copy.
     single = tmp / "single"
@@ -147,6 +147,14 @@ def runs(tmp_path_factory):
     return dict(ref=ref.losses, first=first, rc=rc, ended_after=ended_after, kill_after=kill_after,
                 logged_before_kill=logged_before_kill, latest=latest, second=second,
                 resumed=_losses(work), single=restored, single_losses=_losses(single))
+
+
+def _errors(output: str) -> str:
+    """The lines of a failed launch that say why (its tail is mostly the dying processes' stack dumps)."""
+    keep = [line for line in output.splitlines()
+            if re.search(r"Error|error:|Traceback|lost rank|exited|killed|Barrier|timed out", line)
+            and "    @ " not in line]
+    return "\n".join(keep[-60:]) + "\n--- last lines ---\n" + output[-3000:]
 
 
 def _assert_close(got: dict[int, float], want: dict[int, float], steps) -> None:
