@@ -192,13 +192,19 @@ class ClipCache:
                 n += 1
             out.flush()
             del out
+            # Both files are replaced atomically, the metadata first: several processes (one per host of a
+            # multi-process run) may decode the same folder at once, and a reader takes the cache only when
+            # both exist, so it never sees a partial file (each writer's content is the same).
+            meta = {"source": str(self.root.resolve()), "count": n, "entries": len(folder),
+                    "stats": folder.stats.as_dict()}
+            meta_tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
+            meta_tmp.write_text(json.dumps(meta, indent=1) + "\n")
+            os.replace(meta_tmp, meta_path)
             os.replace(tmp, self.path)
         finally:
-            if tmp.exists():
-                tmp.unlink()
-        meta = {"source": str(self.root.resolve()), "count": n, "entries": len(folder),
-                "stats": folder.stats.as_dict()}
-        meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+            for leftover in (tmp, meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")):
+                if leftover.exists():
+                    leftover.unlink()
         if n < len(folder):
             log.warning("%d of %d clips in %s are unreadable and left out", len(folder) - n, len(folder), self.root)
 

@@ -87,6 +87,35 @@ def test_video_folder_is_decoded_once_and_bad_files_are_skipped(tmp_path):
     assert json.loads(cache.path.with_suffix(".json").read_text())["entries"] == 3
 
 
+def test_processes_decoding_the_same_folder_at_once_leave_one_whole_cache(tmp_path):
+    """Each host of a multi-process run builds the clip cache of a shared folder; concurrent writers replace
+    both files atomically, so every reader maps a whole cache and no temporary file is left behind."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from neodragon_jax.config import to_json
+    from neodragon_jax.data.synthetic import write_dataset
+
+    folder = write_dataset(tmp_path / "data", n=4, seed=0, num_frames=9, progress=False)
+    cfg = _cfg(tmp_path, f'data.path="{folder}"', "video.num_frames=9")
+    (tmp_path / "cfg.json").write_text(to_json(cfg))
+    cache_dir = tmp_path / "shared_cache"
+    code = ("import sys; from neodragon_jax.config import from_json; from train.vae import ClipCache; "
+            "from pathlib import Path; c = ClipCache(sys.argv[1], from_json(Path(sys.argv[2]).read_text()), "
+            "sys.argv[3], progress=False); print(len(c))")
+    root = Path(__file__).resolve().parents[2]
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(folder), str(tmp_path / "cfg.json"), str(cache_dir)],
+                              cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [proc.communicate(timeout=180) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]
+    assert [out.strip() for out, _ in outs] == ["4", "4", "4"]
+    names = sorted(f.name for f in cache_dir.iterdir())
+    assert len(names) == 2 and not any(n.startswith(".") for n in names), names
+    cache = ClipCache(folder, cfg, cache_dir, progress=False)
+    assert cache.meta["count"] == 4 and cache.clips.shape[0] == 4
+
+
 def test_loss_decreases_on_a_fixed_batch_and_posterior_starts_near_deterministic(tmp_path):
     cfg = _cfg(tmp_path)
     stage = VAEStage(cfg, clip_frames=9, crop=16, crops_per_clip=2)
