@@ -48,3 +48,22 @@ def _jax_stays_32_bit():
         jax.config.update("jax_enable_x64", False)
         pytest.fail("this test left jax_enable_x64 on process-wide (imported litert_torch outside "
                     "export.tflite.jax_x64_scope?)")
+
+
+#: The files that take minutes (measured: each runs a CLI chain or compiles several training steps). The suite
+#: runs in one xdist worker per core with whole files per worker; starting these first lets the short files
+#: fill in around them instead of one long file finishing alone at the end.
+LONG_FILES = ("tests/cli/test_dmd_cli.py", "tests/cli/test_demo.py", "tests/cli/test_prune.py",
+              "tests/cli/test_eval_decoder_cli.py", "tests/train/test_multihost.py", "tests/train/test_dmd.py",
+              "tests/train/test_pruning.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    root = pathlib.Path(str(config.rootpath))
+
+    def key(item):
+        rel = pathlib.Path(str(item.path)).relative_to(root).as_posix()
+        return rank.get(rel, len(LONG_FILES))
+
+    items.sort(key=key)  # stable: the order within a file and among the other files is kept
