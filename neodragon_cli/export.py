@@ -27,6 +27,9 @@ def add_arguments(p) -> None:
                    help="dotted config override, repeatable")
     p.add_argument("--checkpoint", default=None,
                    help="official-layout model folder (default: random non-zero weights, for checking the export)")
+    p.add_argument("--model", default=None,
+                   help="a release to export: a shipped release's name (neodragon generate --list) or a release folder "
+                        "(one with release.json, e.g. the recipe's release/neodragon-tiny); its config and weights")
     p.add_argument("--stack", choices=("neodragon", "preset"), default=None,
                    help="'neodragon': export the preset's Neodragon deployment stack (DistilT5 + ContextAdapter, "
                         "light decoder) - the default without --checkpoint; 'preset': the preset as it is "
@@ -89,8 +92,24 @@ def run(args) -> int:
     from neodragon_jax.convert.io import CheckpointNotFoundError, CheckpointReadError
     from neodragon_jax.convert.keymap import CheckpointMismatchError
 
-    cfg = load_config(args.config, args.overrides)
-    stack = args.stack or ("preset" if args.checkpoint else "neodragon")
+    if args.model:
+        from neodragon_jax.releases import ReleaseError, get_release
+
+        if args.checkpoint:
+            return _fail("give --model or --checkpoint, not both")
+        folder = Path(args.model)
+        try:
+            rel = get_release(folder.name, root=folder.parent) if (folder / "release.json").is_file() \
+                else get_release(args.model)
+            rel.verify()
+        except ReleaseError as e:
+            return _fail(f"--model {args.model!r}: {e}")
+        cfg = rel.config(args.overrides)
+        args.checkpoint = str(rel.folder)
+        stack = args.stack or "preset"
+    else:
+        cfg = load_config(args.config, args.overrides)
+        stack = args.stack or ("preset" if args.checkpoint else "neodragon")
     try:
         if stack == "neodragon":
             cfg = ec.neodragon_variant(cfg)

@@ -147,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_arguments(p)
     p.set_defaults(func=prune.run)
 
+    from neodragon_cli import recipe
+
+    p = sub.add_parser("recipe", help="the whole Neodragon path from the shipped tiny teacher: text-encoder and "
+                                      "decoder distillation, pruning + recovery, pyramidal DMD, Neodragon-tiny, "
+                                      "export; one report")
+    recipe.add_arguments(p)
+    p.set_defaults(func=recipe.run)
+
     from neodragon_cli import release
 
     p = sub.add_parser("release", help="trained runs -> a shipped release: official folder layout, evaluated on "

@@ -119,7 +119,7 @@ def load_teacher(args):
     """The teacher ``TextToVideoPipeline`` from ``--model`` (release) or ``--checkpoint`` + ``--config``."""
     from neodragon_jax.config import load_config
     from neodragon_jax.pipelines.text_to_video import TextToVideoPipeline
-    from neodragon_jax.releases import DEFAULT_RELEASE, get_release
+    from neodragon_jax.releases import DEFAULT_TEACHER, get_release
 
     if args.model and args.checkpoint:
         raise PruneError("--model and --checkpoint exclude each other")
@@ -129,7 +129,7 @@ def load_teacher(args):
         return TextToVideoPipeline.from_official(args.checkpoint, load_config(args.config or "tiny", args.overrides))
     if args.config:
         raise PruneError("--config goes with --checkpoint (a release brings its own config)")
-    rel = get_release(args.model or DEFAULT_RELEASE)
+    rel = get_release(args.model or DEFAULT_TEACHER)
     rel.verify()
     pipe = TextToVideoPipeline.from_official(rel.folder, rel.config(args.overrides), transformer=rel.transformer)
     return pipe.replace(source=f"release:{rel.name}")

@@ -30,6 +30,8 @@ RECORD = "release.json"
 #: The first videos the release command generated and scored, to check a copy of the release against.
 REFERENCE = "reference.npz"
 DEFAULT_RELEASE = "tiny-teacher"
+#: The teacher the techniques distil by default (prune, synthesize, the recipe): a multi-step model with CFG.
+DEFAULT_TEACHER = "tiny-teacher"
 
 
 class ReleaseError(ValueError):
@@ -116,5 +118,5 @@ def get_release(name: str, root: Path | None = None) -> Release:
     return Release(name, folder, record)
 
 
-__all__ = ["DEFAULT_RELEASE", "RECORD", "RELEASES_DIR", "Release", "ReleaseError", "available_releases",
+__all__ = ["DEFAULT_RELEASE", "DEFAULT_TEACHER", "RECORD", "RELEASES_DIR", "Release", "ReleaseError", "available_releases",
            "file_digest", "get_release"]

@@ -74,16 +74,22 @@ class NpzRecords:
             raise FileNotFoundError(f"data.path {str(self.path)!r} is neither a folder of .npz records nor a .npz file")
 
     @staticmethod
-    def _stack(files: list[Path]) -> dict[str, np.ndarray]:
+    def _layout(v: np.ndarray):
+        # A string field (the caption) has a per-record width (<U47, <U50): its kind is its layout.
+        return (v.shape, v.dtype.kind if v.dtype.kind in "US" else v.dtype)
+
+    @classmethod
+    def _stack(cls, files: list[Path]) -> dict[str, np.ndarray]:
         first = None
         arrays: dict[str, np.ndarray] = {}
         for i, f in enumerate(files):
             with np.load(f) as z:
                 rec = {k: z[k] for k in z.files}
             if first is None:
-                first = {k: (v.shape, v.dtype) for k, v in rec.items()}
-                arrays = {k: np.empty((len(files), *shape), dtype) for k, (shape, dtype) in first.items()}
-            got = {k: (v.shape, v.dtype) for k, v in rec.items()}
+                first = {k: cls._layout(v) for k, v in rec.items()}
+                arrays = {k: np.empty((len(files), *v.shape), object if v.dtype.kind in "US" else v.dtype)
+                          for k, v in rec.items()}
+            got = {k: cls._layout(v) for k, v in rec.items()}
             if got != first:
                 raise ValueError(f"{f}: fields {got} differ from {files[0].name}'s {first}; data.in_memory needs "
                                  "records of one layout (re-extract them, or set data.in_memory=false)")
@@ -100,7 +106,7 @@ class NpzRecords:
         if self.files is not None:
             with np.load(self.files[index]) as z:
                 return {k: z[k] for k in z.files}
-        return {k: v[index] for k, v in self.arrays.items()}
+        return {k: np.asarray(v[index]) if v.dtype == object else v[index] for k, v in self.arrays.items()}
 
 
 def write_npz_records(folder: str | Path, examples) -> Path:

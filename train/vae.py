@@ -243,7 +243,7 @@ def to_model_video(clip_u8: np.ndarray) -> np.ndarray:
 KERNEL_INITS = ("inflated", "lecun", "official")
 
 
-def _chroma(video: jax.Array) -> jax.Array:
+def chroma(video: jax.Array) -> jax.Array:
     """Colour difference of ``[B, 3, F, H, W]`` pixels: RGB minus the per-pixel channel mean."""
     return video - jnp.mean(video, axis=1, keepdims=True)
 
@@ -374,9 +374,9 @@ class VAEStage(RoleStage):
         s = ssim(rec, x)
         kl = kl_to_standard_normal(post.mean, post.logvar)
         w = self.weights
-        chroma = jnp.mean(jnp.square(_chroma(rec) - _chroma(x)))
-        total = w.mse * mse + w.ssim * (1.0 - s) + w.kl * kl + w.chroma * chroma
-        metrics = {"mse": mse, "ssim": s, "kl": kl, "chroma_mse": chroma, "psnr": psnr(jnp.clip(rec, -1.0, 1.0), x)}
+        chroma_mse = jnp.mean(jnp.square(chroma(rec) - chroma(x)))
+        total = w.mse * mse + w.ssim * (1.0 - s) + w.kl * kl + w.chroma * chroma_mse
+        metrics = {"mse": mse, "ssim": s, "kl": kl, "chroma_mse": chroma_mse, "psnr": psnr(jnp.clip(rec, -1.0, 1.0), x)}
         return total, jax.lax.stop_gradient(metrics)
 
     # -- data --------------------------------------------------------------------------------------------

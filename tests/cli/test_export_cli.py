@@ -72,6 +72,8 @@ def test_missing_ai_hub_configuration_fails_before_building(tmp_path, capsys, ta
     (["export", "tflite", "--device", "Snapdragon 8 Elite QRD"], "--device is for the qnn target"),
     (["export", "onnx", "--components", "unet"], "unknown component(s) ['unet']"),
     (["export", "onnx", "--mmdit-split", "9"], "mmdit_split must be between 1 and the number of blocks (4)"),
+    (["export", "onnx", "--model", "no-such-release"], "--model 'no-such-release': no release named"),
+    (["export", "onnx", "--model", "tiny-teacher", "--checkpoint", "x"], "give --model or --checkpoint, not both"),
 ])
 def test_usage_errors(tmp_path, capsys, argv, message):
     rc = main(argv + ["--out", str(tmp_path / "x")])

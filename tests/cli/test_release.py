@@ -101,6 +101,36 @@ def test_schedules_and_bad_runs_are_refused_clearly(tmp_path, capsys):
     assert "not a training run (no config.json)" in err and "Traceback" not in err
 
 
+
+def test_neodragon_release_arguments_are_checked_in_one_line(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "rel")]
+    assert main(["release", "--text-distill", str(tmp_path), "--dmd", str(tmp_path)] + out) == 2
+    assert "missing --decoder (a Neodragon release needs --text-distill, --decoder, --dmd)" in capsys.readouterr().err
+    assert main(["release", "--flow", str(tmp_path), "--dmd", str(tmp_path)] + out) == 2
+    assert "give either --flow/--vae/--text (a teacher) or --text-distill/--decoder/--dmd" in capsys.readouterr().err
+    assert main(["release", "--flow", str(tmp_path)] + out) == 2
+    assert "missing --vae, --text (a teacher release needs" in capsys.readouterr().err
+    args = ["release", "--text-distill", str(tmp_path / "td"), "--decoder", str(tmp_path), "--dmd", str(tmp_path)]
+    assert main(args + out) == 2
+    err = capsys.readouterr().err
+    assert f"--text-distill {tmp_path / 'td'}: not a training run (no config.json)" in err and "Traceback" not in err
+
+
+def test_kept_share_and_nfe_ratio_against_each_teacher_schedule():
+    from neodragon_cli.release import against_teacher
+
+    def row(colour, motion, nfe, schedule="s"):
+        return {"schedule": schedule, "accuracy": {"colour": colour, "motion": motion, "shape": 0.1}, "nfe": nfe}
+
+    got = against_teacher({"teacher": row(0.8, 0.9, 9)},
+                          {"teacher": row(0.8, 1.0, 72, "4-4-4"), "20-20-20": row(0.5, 0.9, 360, "20-20-20")},
+                          "release:t")
+    a, b = got["teacher"]["teacher"], got["teacher"]["20-20-20"]
+    assert (a["nfe_ratio"], b["nfe_ratio"]) == (8.0, 40.0) and a["teacher_schedule"] == "4-4-4"
+    assert a["kept"]["colour"] == pytest.approx(1.0) and a["kept"]["motion"] == pytest.approx(0.9)
+    assert a["kept"]["mean"] == pytest.approx(1.7 / 1.8) and b["kept"]["mean"] == pytest.approx(1.7 / 1.4)
+    assert "shape" not in a["kept"]  # judged on colour and motion (the teacher's shape is at chance)
+
 def test_release_command_writes_evaluates_and_records(teacher, tmp_path, monkeypatch, capsys):
     """The whole command on a small random teacher (training runs are replaced by the pipeline they would make):
     folder written and verified, storage dtype checked, held-out scores beside chance, reference videos kept."""

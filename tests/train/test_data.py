@@ -75,13 +75,15 @@ def test_npz_records_folder_and_file(tmp_path):
 
 
 def test_npz_records_in_memory_equal_the_files(tmp_path):
+    # Captions of different lengths (<U5, <U11) are one layout: a string field's width is per record.
     examples = [{"latents": np.random.default_rng(i).normal(size=(2, 3)).astype(np.float32),
-                 "mask": np.arange(4, dtype=np.int32) + i} for i in range(7)]
+                 "mask": np.arange(4, dtype=np.int32) + i, "caption": np.asarray("a red" + " ball" * (i % 3))}
+                for i in range(7)]
     folder = write_npz_records(tmp_path / "recs", examples)
     on_disk, in_memory = NpzRecords(folder), NpzRecords(folder, in_memory=True)
     assert in_memory.files is None and len(in_memory) == 7
     for i in range(7):
-        for k in ("latents", "mask"):
+        for k in ("latents", "mask", "caption"):
             assert in_memory[i][k].dtype == on_disk[i][k].dtype
             np.testing.assert_array_equal(in_memory[i][k], on_disk[i][k])
     batches = [next(DataIterator(src, ["latents", "mask"], 4, seed=3, prefetch=0)) for src in (on_disk, in_memory)]

@@ -67,6 +67,25 @@ def test_loss_terms_on_known_inputs(tmp_path):
     with pytest.raises(ValueError, match="at least 16 pixels"):
         ms_ssim_frames(a[:, :8, :8], a[:, :8, :8], scales=5)
 
+    # The chroma term sees a colour error (red channel only: chroma error (2/3, -1/3, -1/3) * 0.1) and not a
+    # grey one (every channel the same).
+    chroma_stage = DecoderStage(_cfg(tmp_path, "stages.decoder.chroma_weight=2.0", 'stages.decoder.perceptual="none"',
+                                     "stages.decoder.chroma_relative=false"))
+    _, m = chroma_stage.loss_terms(None, x, x + 0.1)
+    assert float(m["chroma_mse"]) == pytest.approx(0.0, abs=1e-10)
+    red = x.at[:, 0].add(0.1)
+    total, m = chroma_stage.loss_terms(None, x, red)
+    want = 0.01 * (4 / 9 + 1 / 9 + 1 / 9) / 3
+    assert float(m["chroma_mse"]) == pytest.approx(want, rel=1e-4)
+    assert float(total) == pytest.approx(0.01 / 3 + 2.0 * want, rel=1e-4)
+    assert "chroma_mse" not in stage.loss_terms(None, x, red)[1]  # off by default
+    # Relative (the default): the same error over the target's chroma energy, whatever the object's size.
+    rel_stage = DecoderStage(_cfg(tmp_path, "stages.decoder.chroma_weight=2.0", 'stages.decoder.perceptual="none"'))
+    total, m = rel_stage.loss_terms(None, x, red)
+    energy = float(jnp.mean(jnp.square(x - jnp.mean(x, axis=1, keepdims=True))))
+    assert float(m["chroma_rel"]) == pytest.approx(want / energy, rel=1e-3)
+    assert float(total) == pytest.approx(0.01 / 3 + 2.0 * want / energy, rel=1e-3)
+
 
 def test_latent_renormalisation_follows_spec_5_1(tmp_path):
     # The DiT normalised later frames with Pyramid Flow's 1/3.0986 = 0.3227; the pipeline decodes with the

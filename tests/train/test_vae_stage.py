@@ -144,12 +144,12 @@ def test_loss_decreases_on_a_fixed_batch_and_posterior_starts_near_deterministic
 
 def test_chroma_term_weighs_only_colour_differences(tmp_path):
     """``stages.vae.chroma_weight``: the MSE of RGB minus its per-pixel channel mean, added to the loss."""
-    from train.vae import _chroma
+    from train.vae import chroma
 
     grey = jnp.broadcast_to(jnp.linspace(-1, 1, 16)[None, None, None, None], (1, 3, 1, 4, 16))
-    assert float(jnp.abs(_chroma(grey)).max()) < 1e-6  # a luminance error carries no chroma
+    assert float(jnp.abs(chroma(grey)).max()) < 1e-6  # a luminance error carries no chroma
     red = jnp.zeros((1, 3, 1, 2, 2)).at[:, 0].set(0.9)
-    np.testing.assert_allclose(np.asarray(_chroma(red)[0, :, 0, 0, 0]), [0.6, -0.3, -0.3], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(chroma(red)[0, :, 0, 0, 0]), [0.6, -0.3, -0.3], atol=1e-6)
 
     cfg = _cfg(tmp_path, "stages.vae.chroma_weight=2.5")
     stage = VAEStage(cfg, clip_frames=9, crop=16)
