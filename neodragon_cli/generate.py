@@ -120,7 +120,9 @@ def _list_releases() -> int:
         for schedule, sc in (rec.get("scores") or {}).items():
             acc = sc.get("accuracy", {})
             chance = sc.get("chance", {})
-            print(f"  {schedule}: " + ", ".join(
+            # "teacher" is the record's key for the release's own default schedule (its config's sampling).
+            label = f"default ({sc.get('schedule', '?')}, {sc.get('nfe', '?')} NFE)" if schedule == "teacher" else schedule
+            print(f"  {label}: " + ", ".join(
                 f"{a} {acc[a]:.2f} (chance {chance[a]:.2f})" if a in chance else f"{a} {acc[a]:.2f}"
                 for a in ("colour", "motion", "shape", "background") if a in acc))
     return 0

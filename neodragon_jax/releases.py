@@ -29,7 +29,7 @@ RELEASES_DIR = Path(__file__).resolve().parent / "_assets" / "releases"
 RECORD = "release.json"
 #: The first videos the release command generated and scored, to check a copy of the release against.
 REFERENCE = "reference.npz"
-DEFAULT_RELEASE = "tiny-teacher"
+DEFAULT_RELEASE = "neodragon-tiny"
 #: The teacher the techniques distil by default (prune, synthesize, the recipe): a multi-step model with CFG.
 DEFAULT_TEACHER = "tiny-teacher"
 

@@ -8,7 +8,7 @@ import pytest
 
 from neodragon_jax.releases import available_releases, get_release
 
-SHIPPED = ["tiny-teacher"]
+SHIPPED = ["tiny-teacher", "neodragon-tiny"]
 
 
 def test_the_default_release_is_shipped():
@@ -47,3 +47,24 @@ def test_release_record_reports_scores_beside_chance(name):
         for attr in ("colour", "motion", "shape", "background"):
             assert 0.0 <= s["accuracy"][attr] <= 1.0 and 0.0 < s["chance"][attr] < 1.0, (label, attr)
     assert rec["dtype_check"]["psnr_db"] > 40  # float16 storage changes the videos by no more than rounding
+
+
+def test_neodragon_tiny_keeps_the_teachers_accuracy_with_fewer_model_calls():
+    """Issue 21's acceptance, as recorded by `neodragon release` on 96 held-out prompts: at 1-1-1 the shipped
+    Neodragon-tiny keeps >= 90% of the shipped teacher's colour + motion accuracy with >= 15x fewer NFE than the
+    teacher at the paper's 20-20-20 schedule (its reference videos are regenerated above)."""
+    from neodragon_jax.releases import DEFAULT_RELEASE
+
+    assert DEFAULT_RELEASE == "neodragon-tiny"
+    rec = get_release("neodragon-tiny").record
+    cfg = rec["config"]
+    assert cfg["model"]["text"]["kind"] == "neodragon" and cfg["model"]["vae"]["decoder"] == "light"
+    assert cfg["model"]["mmdit"]["num_layers"] == 6 and cfg["sampling"]["first_unit_steps"] == [1, 1, 1]
+    own = rec["scores"]["teacher"]
+    assert own["videos"] >= 96 and own["nfe"] == 9
+    teacher = get_release("tiny-teacher").record["scores"]["teacher"]
+    assert rec["teacher_scores"]["teacher"]["accuracy"] == teacher["accuracy"]
+    paper = rec["against_teacher"]["teacher"]["20-20-20"]
+    assert paper["nfe_ratio"] >= 15 and paper["kept"]["mean"] >= 0.90
+    mean = lambda r: (r["accuracy"]["colour"] + r["accuracy"]["motion"]) / 2  # noqa: E731
+    assert paper["kept"]["mean"] == pytest.approx(mean(own) / mean(rec["teacher_scores"]["20-20-20"]))
