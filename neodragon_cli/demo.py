@@ -96,7 +96,7 @@ class DemoSettings:
 
     @classmethod
     def fields(cls) -> dict[str, type]:
-        return {f.name: type(f.default) for f in dataclasses.fields(cls)}
+        return setting_types(cls)
 
 
 QUICK = DemoSettings(train_videos=48, eval_videos=4, vae_steps=2, vae_batch=4, flow_steps=2, flow_batch=4,
@@ -152,6 +152,27 @@ DEMO_KEYS = {
 }
 
 
+def setting_types(cls) -> dict[str, type]:
+    """``{field: type of its default}`` of a settings dataclass (the demo's, the recipe's)."""
+    return {f.name: type(f.default) for f in dataclasses.fields(cls)}
+
+
+def typed_setting(key: str, value, types: dict[str, type], prefix: str, error) -> tuple[str, object]:
+    """``(field, value)`` of a ``--set PREFIX.field=value`` item, checked against the field's type (an int is
+    taken for a float; a bare word for a str); ``error(message)`` for an unknown field or a wrong type."""
+    name = key[len(prefix) + 1:]
+    if name not in types:
+        raise error(f"unknown {prefix} setting {key!r}; valid: {', '.join(f'{prefix}.{k}' for k in types)}")
+    tp = types[name]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if tp is str and not isinstance(value, str):
+        value = str(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise error(f"{key}={value!r}: expected {tp.__name__}")
+    return name, value
+
+
 def _under(key: str, prefixes) -> str | None:
     """The prefix of ``prefixes`` that ``key`` is (or is under), else None."""
     for p in prefixes:
@@ -178,15 +199,7 @@ def parse_settings(overrides: list[str], quick: bool) -> tuple[DemoSettings, lis
                                     f"set that instead (neodragon_cli/demo.py:DEMO_KEYS)")
                 config_overrides.append(o)
                 continue
-            name = key[len("demo."):]
-            if name not in types:
-                raise DemoError(f"unknown demo setting {key!r}; valid: {', '.join('demo.' + k for k in types)}")
-            tp = types[name]
-            if tp is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-                raise DemoError(f"{key}={value!r}: expected {tp.__name__}")
-            changes[name] = value
+            name, changes[name] = typed_setting(key, value, types, "demo", DemoError)
     s = dataclasses.replace(base, **changes)
     for name in ("train_videos", "vae_steps", "vae_batch", "vae_frames", "flow_steps", "flow_batch",
                  "extract_batch", "sheet_videos"):

@@ -97,7 +97,9 @@ class RecipeSettings:
 
     @classmethod
     def fields(cls) -> dict[str, type]:
-        return {f.name: type(f.default) for f in dataclasses.fields(cls)}
+        from neodragon_cli.demo import setting_types
+
+        return setting_types(cls)
 
 
 QUICK = RecipeSettings(
@@ -116,6 +118,7 @@ ESTIMATE_S = {"data": 60, "latents": 60, "corpus": 5, "text-distill": (60, 0.12,
 
 def parse_settings(overrides: list[str], quick: bool) -> tuple[RecipeSettings, list[str]]:
     """Split ``--set`` items into recipe settings (``recipe.*``) and config overrides."""
+    from neodragon_cli.demo import typed_setting
     from neodragon_jax.config import parse_override
 
     types = RecipeSettings.fields()
@@ -126,18 +129,7 @@ def parse_settings(overrides: list[str], quick: bool) -> tuple[RecipeSettings, l
             if not key.startswith("recipe."):
                 config_overrides.append(o)
                 continue
-            name = key[len("recipe."):]
-            if name not in types:
-                raise RecipeUsageError(f"unknown recipe setting {key!r}; valid: "
-                                       f"{', '.join('recipe.' + k for k in types)}")
-            tp = types[name]
-            if tp is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if tp is str and not isinstance(value, str):
-                value = str(value)
-            if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-                raise RecipeUsageError(f"{key}={value!r}: expected {tp.__name__}")
-            changes[name] = value
+            name, changes[name] = typed_setting(key, value, types, "recipe", RecipeUsageError)
     s = dataclasses.replace(QUICK if quick else RecipeSettings(), **changes)
     for name, tp in types.items():
         if tp is int and name not in ("data_seed", "export_latency_runs") and getattr(s, name) < 1:

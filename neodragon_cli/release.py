@@ -438,9 +438,12 @@ def _run(args) -> int:
     made_by["release_seconds"] = time.perf_counter() - t_start
     record.update({"made_by": made_by, "dtype_check": dtype_check, "scores": scores, "reference": reference})
     if neodragon:
+        def teacher_progress(i, n):
+            if i == n or i % 16 == 0:
+                print(f"[release] teacher: {i}/{n} videos", flush=True)
+
         t_rows = teacher_rows(runs["teacher"], args.teacher_schedules or ["teacher"], prompts,
-                              progress=lambda i, n: i % 16 == 0 and print(f"[release] teacher: {i}/{n} videos",
-                                                                          flush=True))
+                              progress=teacher_progress)
         record["teacher_scores"] = t_rows
         record["against_teacher"] = against_teacher(scores, t_rows, runs["teacher"])
         for label, rows in record["against_teacher"].items():
