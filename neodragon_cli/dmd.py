@@ -63,7 +63,7 @@ def add_dmd_arguments(p: argparse.ArgumentParser) -> None:
     x.add_argument("--overwrite", action="store_true")
 
 
-def _guard(fn, verb: str):
+def _guard(fn, verb: str, errors: tuple = ()):
     from neodragon_jax.config import ConfigError
     from neodragon_jax.convert.keymap import CheckpointMismatchError
     from neodragon_jax.data.synthesize import SynthesizeError
@@ -71,7 +71,7 @@ def _guard(fn, verb: str):
     try:
         return fn()
     except (DMDError, PruneError, SynthesizeError, FileNotFoundError, FileExistsError, ConfigError,
-            CheckpointMismatchError) as e:
+            CheckpointMismatchError, *errors) as e:
         print(f"neodragon {verb}: {e}", file=sys.stderr)
         return 2
     except ValueError as e:

@@ -140,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     dmd.add_dmd_arguments(p)
     p.set_defaults(func=dmd.run_dmd)
 
+    from neodragon_cli import extract
+
+    p = sub.add_parser("extract", help="a captioned video folder -> the teacher's training records (VAE latents, "
+                                       "text features; resumable): the data of train flow / recover-*")
+    extract.add_arguments(p)
+    p.set_defaults(func=extract.run)
+
     from neodragon_cli import prune
 
     p = sub.add_parser("prune", help="block pruning: importance (JSON + chart), single-block ablations, select the "

@@ -363,7 +363,8 @@ def _open_manifest(out: Path, folder: VideoFolder, identity: dict, config_hash: 
         if old.get("config_hash") == config_hash and not overwrite:
             return old
         if not overwrite:
-            keys = _diff_keys(old.get("config", {}), identity) or ["(format)"]
+            # Through JSON, as the manifest stored it: a tuple in the identity equals the list read back.
+            keys = _diff_keys(old.get("config", {}), json.loads(json.dumps(identity))) or ["(format)"]
             raise CacheMismatchError(
                 f"{out} holds a cache made with a different configuration (differs in: {', '.join(keys)}). "
                 "Pass overwrite=True to replace it, or choose another output folder."
