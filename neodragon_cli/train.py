@@ -65,12 +65,16 @@ def add_train_arguments(p) -> None:
     p.add_argument("--init-from", default=None,
                    help="official-layout weights (safetensors file or folder) to start from (train.init_checkpoint)")
     p.add_argument("--log-every", type=int, default=None, help="console/TensorBoard interval (train.log_every)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the command without training: config, stage settings, every role's parameter count "
+                        "(abstract, nothing allocated) and weight source, the data path and the mesh; reads no "
+                        "weights, exit 2 listing what would fail (for a pod command prepared on a laptop)")
     p.add_argument("--compile-cache", default=None,
                    help=f"persistent XLA compilation cache folder, 'none' to disable (default: "
                         f"$NEODRAGON_COMPILE_CACHE or {DEFAULT_COMPILE_CACHE})")
 
 
-def _train_config(args):
+def _train_config(args, *, check_paths: bool = True):
     from neodragon_jax.config import load_config
 
     cfg = load_config(args.config, [o for item in args.overrides for o in item.split()])
@@ -86,14 +90,14 @@ def _train_config(args):
     if args.log_every is not None:
         train["log_every"] = max(1, args.log_every)
     if args.init_from is not None:
-        if not Path(args.init_from).exists():
+        if check_paths and not Path(args.init_from).exists():
             raise CLIError(f"--init-from {args.init_from!r} does not exist")
         train["init_checkpoint"] = str(Path(args.init_from).absolute())
     workdir = Path(args.workdir or Path("runs") / f"{args.stage}-{cfg.name}").absolute()
     train["output_dir"] = str(workdir)
     data = {}
     if args.records is not None:
-        if not Path(args.records).exists():
+        if check_paths and not Path(args.records).exists():
             raise CLIError(f"--records {args.records!r} does not exist")
         data = {"source": "records", "path": str(Path(args.records).absolute())}
     return dataclasses.replace(
@@ -111,7 +115,9 @@ def run_train(args) -> int:
     from neodragon_jax.sharding import MeshError
 
     try:
-        cfg = _train_config(args)
+        cfg = _train_config(args, check_paths=not args.dry_run)
+        if args.dry_run:
+            return dry_run(cfg)
         cache = enable_compile_cache(args.compile_cache)
         if args.stop_after is not None and args.stop_after < 1:
             raise CLIError(f"--stop-after must be >= 1, got {args.stop_after}")
@@ -131,6 +137,83 @@ def run_train(args) -> int:
         if isinstance(e, (RoleError, WeightSourceError)):  # a role or init source that does not exist
             return _err("train", str(e))
         raise
+
+
+def _source_problem(src, what: str) -> str | None:
+    """Why a weight source could not be read (None if its file or folder is there); reads no weights."""
+    from train.weights import release_folder
+
+    if src.kind in ("random", "prune"):
+        return None
+    if src.kind == "release":
+        try:
+            release_folder(src.path)
+        except (ValueError, FileNotFoundError) as e:
+            return f"{what}: {e}"
+        return None
+    if not Path(src.path).exists():
+        return f"{what}: {src.kind} source {src.path!r} does not exist"
+    return None
+
+
+def dry_run(cfg) -> int:
+    """``train --dry-run``: everything ``train`` would check before its first step, without reading a weight,
+    allocating a parameter or needing the mesh's devices. Prints the run and its roles; exit 2 with every
+    problem found (not just the first), so a pod command can be checked on a laptop."""
+    from neodragon_jax.sharding import mesh_devices_needed, parse_mesh_shape
+    from train import roles as roles_lib
+    from train import stages as stages_lib
+    from train.state import abstract_models
+
+    problems = []
+    built = cfg
+    if cfg.data.source != "synthetic" and cfg.data.path and not Path(cfg.data.path).exists():
+        problems.append(f"data.path {cfg.data.path!r} does not exist")
+        # the rest is still checked, on the stage's stand-in data
+        built = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="synthetic"))
+    try:
+        stage = stages_lib.get_stage(cfg.train.stage, built)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CLIError("; ".join(problems + [str(e)])) from None
+    if getattr(stage, "plan_only", False):
+        raise CLIError(f"stage {cfg.train.stage!r} is a planning stand-in; use it with `neodragon plan --mesh ...`")
+    plan = roles_lib.plan_roles(stage, built)
+    specs = abstract_models(plan, list(plan.roles))
+    shape = parse_mesh_shape(cfg.mesh)
+    # An axis of -1 takes the devices the run finds (a pod's, not this machine's): no count to check.
+    needed = None if -1 in shape.values() else mesh_devices_needed(shape)
+    batch_devices = None if needed is None else needed // shape["tensor"] if cfg.mesh.rules == "fsdp_tp" else needed
+    gb, micro = cfg.train.global_batch, max(cfg.train.micro_batches, 1)
+    if gb % micro:
+        problems.append(f"train.global_batch={gb} is not divisible by train.micro_batches={micro}")
+    elif batch_devices and (gb // micro) % batch_devices:
+        problems.append(f"a micro-batch of {gb // micro} examples does not split over the {batch_devices} devices "
+                        f"that shard the batch (mesh {shape}, rules {cfg.mesh.rules})")
+    data = data_description(stage, cfg)
+    if cfg.train.init_checkpoint and not Path(cfg.train.init_checkpoint).exists():
+        problems.append(f"train.init_checkpoint {cfg.train.init_checkpoint!r} does not exist")
+    mesh = " x ".join(f"{k}={'all' if v == -1 else v}" for k, v in shape.items())
+    print(f"neodragon train {cfg.train.stage} --dry-run: config {cfg.name!r}, {cfg.train.steps} steps, global batch "
+          f"{gb}" + (f" in {micro} micro-batches" if micro > 1 else "") + f", mesh {mesh} ({cfg.mesh.rules}, "
+          f"{needed or 'all the'} devices), data {data}, workdir {cfg.train.output_dir}")
+    width = max(len(n) for n in plan.roles)
+    for name, role in plan.roles.items():
+        src = plan.inits[name]
+        problem = _source_problem(src, f"role {name!r}")
+        if problem:
+            problems.append(problem)
+        status = "" if src.kind in ("random", "prune") else " (missing)" if problem else " (found)"
+        times = plan.applications(name)
+        print(f"  {name:<{width}}  {'trained' if role.trained else 'frozen ':<7}  {specs[name].num_params:>15,} "
+              f"params  init {src}{status}" + (f"  updated {times}x per step" if role.trained else ""))
+    print("  nothing was read or allocated; per-device memory: neodragon plan --mesh ... --stage "
+          f"{cfg.train.stage}")
+    if problems:
+        for p in problems:
+            print(f"neodragon train: {p}", file=sys.stderr)
+        return 2
+    print("dry run: ok")
+    return 0
 
 
 def data_description(stage, cfg) -> str:

@@ -80,7 +80,7 @@ def _pure(state: nnx.State) -> dict:
     return nnx.to_pure_dict(state)
 
 
-def _abstract_models(plan: roles_lib.RolePlan, names: list[str]) -> dict[str, ModelSpec]:
+def abstract_models(plan: roles_lib.RolePlan, names: list[str]) -> dict[str, ModelSpec]:
     modules = nnx.eval_shape(lambda: roles_lib.build_modules(plan, names, jax.random.key(0)))
     specs = {}
     for name in names:
@@ -275,8 +275,8 @@ def build_setup(stage, cfg: Config, mesh, *, total_steps: int | None = None) -> 
     """Roles -> abstract models -> shardings from logical axes + ``cfg.mesh.rules`` -> abstract sharded state."""
     rules = get_rules(cfg.mesh.rules)
     plan = roles_lib.plan_roles(stage, cfg)
-    trainable = _abstract_models(plan, plan.trained)
-    frozen = _abstract_models(plan, plan.frozen)
+    trainable = abstract_models(plan, plan.trained)
+    frozen = abstract_models(plan, plan.frozen)
     total_steps = total_steps or cfg.train.steps
     replicated = NamedSharding(mesh, P())
     min_el = cfg.mesh.min_shard_elements

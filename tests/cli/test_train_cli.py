@@ -85,3 +85,20 @@ def test_bad_captions_file_is_one_line_and_banner_names_the_folder(tmp_path, cap
     assert main(["train", "vae", "--config", "tiny", "--set", f"data.path={data}", "--steps", "1",
                  "--workdir", str(tmp_path / "run2"), "--compile-cache", "none"]) == 2
     assert "no captions.jsonl in" in capsys.readouterr().err
+
+
+def test_dry_run_checks_everything_and_writes_nothing(tmp_path, capsys):
+    """`train --dry-run`: the roles with exact parameter counts, no workdir written; every problem at once."""
+    work = tmp_path / "run"
+    assert main(["train", "flow", "--config", "tiny", "--workdir", str(work), "--batch", "8", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "mmdit  trained" in out and "591,552 params" in out and "dry run: ok" in out
+    assert not work.exists()
+    code = main(["train", "flow", "--config", "tiny", "--workdir", str(work), "--batch", "6", "--set",
+                 "mesh.fsdp=4", "--records", str(tmp_path / "missing"), "--init-from", str(tmp_path / "nope"),
+                 "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "does not split over the 4 devices" in err
+    assert "missing' does not exist" in err and "nope' does not exist" in err  # records, --init-from
+    assert not work.exists()
