@@ -55,6 +55,10 @@ def add_arguments(p) -> None:
                    help="CPU threads of LiteRT, ONNX Runtime and PyTorch for the latency columns (default 1: "
                         "comparable, and immune to OpenMP spin-waiting on a busy machine; JAX keeps its default)")
     p.add_argument("--seed", type=int, default=0, help="random weights and example inputs")
+    p.add_argument("--score-prompts", type=int, default=0,
+                   help="after the TFLite export, generate this many held-out prompts with the LiteRT text encoders "
+                        "and decoder in place of the JAX ones (each precision) and with the JAX pipeline, and "
+                        "score both (needs --model or --checkpoint; default 0: no scoring)")
 
 
 def _fail(msg: str) -> int:
@@ -78,6 +82,12 @@ def run(args) -> int:
     except ValueError as err:
         return _fail(str(err))
     device = args.device or qnn.DEFAULT_DEVICE
+    if args.score_prompts and ("tflite" not in targets or not (args.model or args.checkpoint)):
+        return _fail("--score-prompts scores the TFLite graphs of trained weights: use it with the tflite (or all) "
+                     "target and --model or --checkpoint")
+    if args.score_prompts < 0 or args.score_prompts == 1:
+        return _fail(f"--score-prompts must be 0 or at least 2 (chance needs shuffled captions), got "
+                     f"{args.score_prompts}")
     if args.device and "qnn" not in targets:
         return _fail("--device is for the qnn target (AI Hub); use `neodragon export qnn` or `all`")
     hub_config = None
@@ -106,10 +116,12 @@ def run(args) -> int:
             return _fail(f"--model {args.model!r}: {e}")
         cfg = rel.config(args.overrides)
         args.checkpoint = str(rel.folder)
+        transformer = rel.transformer
         stack = args.stack or "preset"
     else:
         cfg = load_config(args.config, args.overrides)
         stack = args.stack or ("preset" if args.checkpoint else "neodragon")
+        transformer = None
     try:
         if stack == "neodragon":
             cfg = ec.neodragon_variant(cfg)
@@ -202,10 +214,33 @@ def run(args) -> int:
                                   if "tflite" in targets else (), notes=notes)
     if hub_results and not args.dry_run:
         text += "\n" + qnn.device_table(hub_results, device)
+    scores = None
+    if args.score_prompts:
+        from export.litert_sampler import LiteRTScoreError, markdown
+
+        try:
+            scores = _score(args, cfg, transformer, out / "tflite", precisions)
+            text += "\n" + markdown(scores)
+        except LiteRTScoreError as err:
+            print(f"neodragon export: --score-prompts: {err}", file=sys.stderr)
+            results.append(report.ArtifactResult(component="end-to-end score", group="litert", backend="tflite",
+                                                 precision=",".join(precisions), status="failed", message=str(err)))
     (out / "report.md").write_text(text)
     report.write_json(out / "report.json", {"config": cfg.name, "stack": stack, "components": rows,
-                                            "artifacts": [r.as_dict() for r in results]})
+                                            "artifacts": [r.as_dict() for r in results],
+                                            **({"litert_scores": scores} if scores else {})})
     print(text)
     print(f"wrote {out / 'report.md'} and {out / 'report.json'}")
     bad = [r for r in results if r.status in ("failed", "not_converted")]
     return 1 if bad else 0
+
+
+def _score(args, cfg, transformer, tflite_dir: Path, precisions) -> dict:
+    """The JAX pipeline and the pipeline with each precision's LiteRT graphs, scored on held-out prompts."""
+    from export.litert_sampler import score_exported
+    from neodragon_jax.eval.heldout import heldout_prompts
+    from neodragon_jax.pipelines.text_to_video import TextToVideoPipeline
+
+    pipe = TextToVideoPipeline.from_official(args.checkpoint, cfg, transformer=transformer)
+    return score_exported(pipe, tflite_dir, precisions, heldout_prompts(args.score_prompts), threads=args.threads,
+                          say=lambda m: print(m, flush=True))

@@ -71,7 +71,7 @@ class RecipeSettings:
     td_lr: float = 1e-3
     td_downstream: int = 48              # held-out prompts generated from student vs teacher tokens
     # technique 2: asymmetric decoder distillation
-    dec_steps: int = 1000
+    dec_steps: int = 2000
     dec_batch: int = 8
     dec_lr: float = 2e-3
     dec_chroma: float = 0.1
@@ -94,6 +94,7 @@ class RecipeSettings:
     compare_schedule: str = "20-20-20"   # the teacher schedule the NFE ratio is also measured against ("" = none)
     export_precisions: str = "fp32,fp16,int8"
     export_latency_runs: int = 3
+    export_score_prompts: int = 96       # held-out prompts sampled through the exported graphs (0 = none)
 
     @classmethod
     def fields(cls) -> dict[str, type]:
@@ -105,7 +106,8 @@ class RecipeSettings:
 QUICK = RecipeSettings(
     train_videos=24, eval_prompts=4, corpus_prompts=64, corpus_heldout=8, td_steps=4, td_batch=4, td_downstream=2,
     dec_steps=4, dec_batch=4, dec_eval_videos=2, importance_prompts=2, prune_batch=4, rf_steps=4, rd_steps=4,
-    synth_videos=8, dmd_steps=2, dmd_batch=4, compare_schedule="", export_precisions="fp32", export_latency_runs=0)
+    synth_videos=8, dmd_steps=2, dmd_batch=4, compare_schedule="", export_precisions="fp32", export_latency_runs=0,
+    export_score_prompts=2)
 
 #: Seconds each phase took at the default settings on the 2-core machine this was written on (training
 #: phases: per step, plus a fixed part for compiling), for the recipe's ETA lines.
@@ -132,7 +134,8 @@ def parse_settings(overrides: list[str], quick: bool) -> tuple[RecipeSettings, l
             name, changes[name] = typed_setting(key, value, types, "recipe", RecipeUsageError)
     s = dataclasses.replace(QUICK if quick else RecipeSettings(), **changes)
     for name, tp in types.items():
-        if tp is int and name not in ("data_seed", "export_latency_runs") and getattr(s, name) < 1:
+        may_be_zero = ("data_seed", "export_latency_runs", "export_score_prompts")
+        if tp is int and name not in may_be_zero and getattr(s, name) < 1:
             raise RecipeUsageError(f"recipe.{name} must be >= 1, got {getattr(s, name)}")
     if s.eval_prompts < 2:
         raise RecipeUsageError("recipe.eval_prompts must be >= 2 (the chance level deranges the captions)")
@@ -373,6 +376,8 @@ def build_phases(run: RecipeRun) -> list:
         argv = ["export", "all", "--dry-run", "--model", str(folder), "--precision", st["export_precisions"],
                 "--latency-runs", str(st["export_latency_runs"]), "--out", str(ctx.dir),
                 "--components", ",".join(n for n in names if n not in not_exported)]
+        if st["export_score_prompts"]:
+            argv += ["--score-prompts", str(st["export_score_prompts"])]
         _cli(argv, "export")
         return dict(_read_json(ctx.dir / "report.json"), not_exported=not_exported)
 
@@ -402,7 +407,8 @@ def build_phases(run: RecipeRun) -> list:
         JobPhase("release", release_job, inputs=("text-distill", "decoder", "dmd"),
                  settings=_pick(s, "eval_prompts", "compare_schedule")),
         JobPhase("export", export_job, inputs=("release",), settings=_pick(s, "export_precisions",
-                                                                            "export_latency_runs")),
+                                                                            "export_latency_runs",
+                                                                            "export_score_prompts")),
     ]
 
 
@@ -513,6 +519,10 @@ def write_report(run: RecipeRun, records: dict, total_s: float) -> Path:
                          f"{'-' if tol is None else f'{tol:g}'} |")
     for name, why in ex.get("not_exported", {}).items():
         lines.append(f"| {name} | - | - | not exported: {why} | - | - | - |")
+    if ex.get("litert_scores"):
+        from export.litert_sampler import markdown
+
+        lines += ["", markdown(ex["litert_scores"]).replace("## ", "### ", 1).rstrip()]
     lines += ["", "## Phases", "", "| phase | status | wall time (s) | folder |", "| :--- | :--- | ---: | :--- |"]
     for n, r in records.items():
         lines.append(f"| {n} | {r.status} | {r.seconds:.0f} | `{r.dir.relative_to(run.workdir)}` |")

@@ -107,6 +107,10 @@ def test_report_from_the_phases_json(tmp_path):
                     "against_teacher": {"teacher": {"teacher": {
                         "teacher_schedule": teacher["schedule"], "teacher_nfe": 72, "nfe": 9, "nfe_ratio": 8.0,
                         "kept": {"colour": 0.95, "motion": 1.0, "mean": 0.976}}}}},
+        "export": {"artifacts": [], "litert_scores": {"prompts": 2, "judged": ["colour", "motion"], "rows": [
+            _row("JAX", 0.76, 0.9, 9),
+            dict(_row("LiteRT int8", 0.75, 0.9, 9), on_litert=["distil_t5", "light_decoder"],
+                 change_points={"colour": -1.0, "motion": 0.0}, within_tolerance=True, psnr_vs_jax_db=41.5)]}},
     }
     records = {n: _record(n, tmp_path / n, r) for n, r in results.items()}
     path = recipe.write_report(run, records, 60.0)
@@ -118,6 +122,8 @@ def test_report_from_the_phases_json(tmp_path):
     assert "| 0.760 (0.100) | 0.900 (0.150) | 9 |" in text  # the shipped row beside chance
     assert "| 4-4-4,4-4-4 cfg 7/5 | 72 | 9 | 8.0x | 95.0% | 100.0% | 97.6% |" in text
     assert "| decoder (+ post_quant_conv) | 2,000 | 100 | 20.0x |" in text
+    assert "### End to end through the exported graphs" in text
+    assert "| LiteRT int8 | distil_t5, light_decoder | 0.750 (0.100) | 0.900 (0.150) | -1.0 / +0.0 | yes | 41.5 dB |" in text
     assert "| text encoder (T5 + CE vs DT5 + CA) | 1,000 | 200 | 5.0x |" in text
     # kept of the light-decoder row: (0.7 + 0.9) / (0.8 + 0.9)
     assert f"| {(0.7 + 0.9) / 1.7:.1%} |" in text
