@@ -162,13 +162,15 @@ class MMDiTGraph(nn.Module):
     ``history_valid``: padding slots get id 2, real frames the positions they have without padding.
     """
 
-    def __init__(self, mirror: nn.Module, grids: Sequence[tuple[int, int]], start: int, stop: int):
+    def __init__(self, mirror: nn.Module, grids: Sequence[tuple[int, int]], start: int, stop: int,
+                 current_frames: int = 1):
         super().__init__()
         cfg = mirror.cfg
         n = cfg.num_layers
         if not 0 <= start < stop <= n:
             raise ExportError(f"MMDiT block range [{start}, {stop}) is outside [0, {n})")
         self.cfg, self.grids = cfg, [tuple(g) for g in grids]
+        self.current_frames = int(current_frames)
         self.first, self.last = start == 0, stop == n
         self.n_clips = len(grids)
         self.blocks = nn.ModuleList(list(mirror.transformer_blocks)[start:stop])
@@ -182,15 +184,20 @@ class MMDiTGraph(nn.Module):
                 self.register_buffer("pos_table", self._pos_table(mirror.pos_embed), persistent=False)
         if self.last:
             self.norm_out, self.proj_out = mirror.norm_out, mirror.proj_out
-        tokens = [h * w for h, w in self.grids]
+        # Every history slot is one frame; the current clip has ``current_frames`` (a unit's frames).
+        frames = [1] * (self.n_clips - 1) + [self.current_frames]
+        tokens = [h * w * f for (h, w), f in zip(self.grids, frames)]
         clip_of_token = np.repeat(np.arange(self.n_clips), tokens)
         onehot = np.zeros((self.n_clips, len(clip_of_token)), np.float32)
         onehot[clip_of_token, np.arange(len(clip_of_token))] = 1.0
-        # Each clip is one frame, so a token's position is the number of real frames before its clip:
-        # ``valid @ strict_upper`` is that exclusive cumulative sum, ``@ onehot`` gathers it per token.
+        frame_in_clip = np.concatenate([np.repeat(np.arange(f), h * w) for (h, w), f in zip(self.grids, frames)])
+        # A token's position is the number of real frames before its clip plus its frame within the clip:
+        # ``(valid * frames) @ strict_upper`` is that exclusive cumulative sum, ``@ onehot`` gathers it per token.
         strict_upper = np.triu(np.ones((self.n_clips, self.n_clips), np.float32), k=1)
         self.register_buffer("token_of_clip", torch.from_numpy(onehot), persistent=False)
         self.register_buffer("clips_before", torch.from_numpy(strict_upper), persistent=False)
+        self.register_buffer("clip_frames", torch.tensor(frames, dtype=torch.float32), persistent=False)
+        self.register_buffer("frame_in_clip", torch.from_numpy(frame_in_clip.astype(np.float32)), persistent=False)
         inv = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
         self.register_buffer("rope_inv_freq", torch.from_numpy(inv.astype(np.float32)), persistent=False)
 
@@ -202,6 +209,7 @@ class MMDiTGraph(nn.Module):
             pe = crop if (h, w) == tuple(ref) else F.interpolate(crop, size=(h, w), mode="bilinear",
                                                                  align_corners=False)
             tables.append(pe.flatten(2).transpose(1, 2))
+        tables[-1] = tables[-1].repeat(1, self.current_frames, 1)  # frame-major, as the patch tokens
         return torch.cat(tables, 1).contiguous()
 
     def patchify(self, clip: torch.Tensor) -> torch.Tensor:
@@ -215,7 +223,7 @@ class MMDiTGraph(nn.Module):
         b, s = text_mask.shape
         ones = torch.ones(b, 1, dtype=text_mask.dtype)
         valid = ones if history_valid is None else torch.cat([history_valid, ones], 1)  # [B, n_clips]
-        pos = (valid @ self.clips_before) @ self.token_of_clip  # [B, L]
+        pos = ((valid * self.clip_frames) @ self.clips_before) @ self.token_of_clip + self.frame_in_clip  # [B, L]
         ids = torch.where((valid @ self.token_of_clip) > 0.5, REAL_ID, IMAGE_PAD_ID)
         text_ids = torch.where(text_mask > 0.5, REAL_ID, TEXT_PAD_ID)
         all_ids = torch.cat([text_ids, ids], 1)
@@ -245,14 +253,15 @@ class MMDiTGraph(nn.Module):
         if not self.last:
             return x, c, temb
         h, w = self.grids[-1]
+        f = self.current_frames
         b, cfg = x.shape[0], self.cfg
-        x = x[:, x.shape[1] - h * w :]
+        x = x[:, x.shape[1] - f * h * w :]
         scale, shift = self.norm_out(temb)
         dt = self.proj_out.weight.dtype
         y = self.proj_out(modulate(x, shift, scale, cfg.norm_eps).to(dt)).float()
         p, co = cfg.patch_size, cfg.out_channels
-        y = y.reshape(b, 1, h, w, p, p, co).permute(0, 6, 1, 2, 4, 3, 5)
-        return y.reshape(b, co, 1, h * p, w * p)
+        y = y.reshape(b, f, h, w, p, p, co).permute(0, 6, 1, 2, 4, 3, 5)
+        return y.reshape(b, co, f, h * p, w * p)
 
 
 class VAEEncoderGraph(nn.Module):
@@ -385,19 +394,18 @@ def latent_geometry(cfg: Config, num_frames: int | None = None) -> tuple[int, in
 
 
 def stage_grids(cfg: Config, stage: int, num_frames: int | None = None) -> list[tuple[int, int]]:
-    """Patch grid ``(h, w)`` of every per-frame slot of the LAST unit at ``stage`` (history oldest first, then
-    the current frame). The history frame at distance ``d`` is at stage ``max(stage - d + 1, 0)`` (spec §3.5),
-    so an earlier unit's real history is exactly the newest slots of this layout."""
-    from neodragon_jax.pyramid.history import num_units
+    """Patch grid ``(h, w)`` of every slot of the LAST unit at ``stage``: one slot per history FRAME (oldest
+    first), then the current clip (``cfg.pyramid.frames_per_unit`` frames, see :func:`current_frames`). A
+    history unit at distance ``d`` is at stage ``max(stage - d + 1, 0)`` (spec §3.5), so an earlier unit's
+    history fills the newest slots of this layout at the same resolutions (:func:`history_slots`)."""
+    from neodragon_jax.pyramid.history import history_layout, num_units
 
-    if cfg.pyramid.frames_per_unit != 1:
-        raise ExportError(
-            f"static MMDiT graphs need frames_per_unit = 1 (one frame per history slot), got "
-            f"{cfg.pyramid.frames_per_unit}"
-        )
     t, h, w = latent_geometry(cfg, num_frames)
-    n_stages, p = cfg.pyramid.num_stages, cfg.model.mmdit.patch_size
-    last = num_units(t, 1) - 1
+    n_stages, p, fpu = cfg.pyramid.num_stages, cfg.model.mmdit.patch_size, cfg.pyramid.frames_per_unit
+    try:
+        last = num_units(t, fpu) - 1
+    except ValueError as err:
+        raise ExportError(f"{t} latent frames do not split into units of {fpu}: {err}") from None
 
     def grid(st: int) -> tuple[int, int]:
         d = 2 ** (n_stages - 1 - st)
@@ -405,7 +413,19 @@ def stage_grids(cfg: Config, stage: int, num_frames: int | None = None) -> list[
             raise ExportError(f"latent {h}x{w} at stage {st} (/{d}) is not a multiple of the patch {p}")
         return h // d // p, w // d // p
 
-    return [grid(max(stage - d + 1, 0)) for d in range(last, 0, -1)] + [grid(stage)]
+    slots = [grid(c.stage) for c in history_layout(last, stage, frames_per_unit=fpu) for _ in range(c.num_frames)]
+    return slots + [grid(stage)]
+
+
+def current_frames(cfg: Config, first_unit: bool = False) -> int:
+    """Latent frames of the clip a stage graph denoises: unit 0 has one, every later unit ``frames_per_unit``."""
+    return 1 if first_unit else cfg.pyramid.frames_per_unit
+
+
+def first_unit_graphs(cfg: Config) -> bool:
+    """With several frames per unit, unit 0 (one frame, no history) needs its own graph per stage; with one,
+    the stage graph serves it with every history slot marked unused."""
+    return cfg.pyramid.frames_per_unit > 1
 
 
 def block_ranges(num_layers: int, parts: int) -> list[tuple[int, int]]:
@@ -511,21 +531,27 @@ def build_components(cfg: Config, models: dict, opts: ExportOptions = ExportOpti
         ))
 
     t_lat, h_lat, w_lat = latent_geometry(cfg, opts.num_frames)
-    stages = [s for s in range(cfg.pyramid.num_stages) if _want(opts, f"mmdit_stage{s}", f"mmdit_stage{s}")
-              or any(_want(opts, f"mmdit_stage{s}_part{i + 1}of{opts.mmdit_split}", "")
-                     for i in range(opts.mmdit_split))]
+    names = component_names(cfg, opts)
+    stages = [s for s in range(cfg.pyramid.num_stages)
+              if any(_want(opts, n, f"mmdit_stage{s}") for n in names
+                     if n == f"mmdit_stage{s}" or n.startswith(f"mmdit_stage{s}_"))]
     if stages:
         mirror = to_mirror(mmdit)
         ranges = block_ranges(mcfg.num_layers, opts.mmdit_split)
         t_max = stage_timesteps(cfg)
+        layouts = []
         for s in stages:
-            grids = stage_grids(cfg, s, opts.num_frames)
+            layouts.append((s, f"mmdit_stage{s}", stage_grids(cfg, s, opts.num_frames), current_frames(cfg)))
+            if first_unit_graphs(cfg):  # unit 0: one frame, no history
+                layouts.append((s, f"mmdit_stage{s}_first", stage_grids(cfg, s, opts.num_frames)[-1:],
+                                current_frames(cfg, first_unit=True)))
+        for s, base, grids, frames in layouts:
             n_hist = len(grids) - 1
             p = mcfg.patch_size
             clips = {f"clip_{i}": rng.standard_normal((b, mcfg.in_channels, 1, gh * p, gw * p)).astype(np.float32)
                      for i, (gh, gw) in enumerate(grids[:-1])}
-            clips["current"] = rng.standard_normal((b, mcfg.in_channels, 1, grids[-1][0] * p, grids[-1][1] * p)
-                                                   ).astype(np.float32)
+            clips["current"] = rng.standard_normal(
+                (b, mcfg.in_channels, frames, grids[-1][0] * p, grids[-1][1] * p)).astype(np.float32)
             valid = np.ones((b, n_hist), np.float32)
             if n_hist >= 2:  # exercise the padding: the oldest slot is an unused (zero) slot
                 valid[:, 0] = 0.0
@@ -544,14 +570,16 @@ def build_components(cfg: Config, models: dict, opts: ExportOptions = ExportOpti
                     list(a[: n + 1]), a[n + 1] > 0.5, a[n + 2], a[n + 3] > 0.5, a[n + 4], a[n + 5]))
             else:
                 jax_fn = _jax_fn(mmdit, lambda m, cur, txt, msk, pooled, t: m([cur], txt, msk > 0.5, pooled, t))
-            desc = f"MMDiT stage {s}, last-unit layout {grids} (patch grids), {n_hist} history slots"
+            desc = (f"MMDiT stage {s}, {'unit 0' if base.endswith('_first') else 'last-unit'} layout {grids} "
+                    f"(patch grids), {n_hist} history slots, {frames} current frame(s)")
             if len(ranges) == 1:
-                out.append(Component(group, group, MMDiTGraph(mirror, grids, 0, mcfg.num_layers), full_inputs,
-                                     ("velocity",), jax_fn=jax_fn, description=desc))
+                if _want(opts, base, group):
+                    out.append(Component(base, group, MMDiTGraph(mirror, grids, 0, mcfg.num_layers, frames),
+                                         full_inputs, ("velocity",), jax_fn=jax_fn, description=desc))
                 continue
             carry = None
             for i, (a, z) in enumerate(ranges):
-                g = MMDiTGraph(mirror, grids, a, z)
+                g = MMDiTGraph(mirror, grids, a, z, frames)
                 if i == 0:
                     inputs = full_inputs
                 else:
@@ -560,7 +588,7 @@ def build_components(cfg: Config, models: dict, opts: ExportOptions = ExportOpti
                     if n_hist:
                         inputs["history_valid"] = valid
                 names = ("velocity",) if g.last else ("x", "c", "temb")
-                comp = Component(f"{group}_part{i + 1}of{len(ranges)}", group, g, inputs, names,
+                comp = Component(f"{base}_part{i + 1}of{len(ranges)}", group, g, inputs, names,
                                  description=f"{desc}; blocks [{a}, {z})")
                 if not g.last:
                     carry = comp.run_torch()  # the next part's example inputs: the real intermediates
@@ -619,7 +647,8 @@ def component_names(cfg: Config, opts: ExportOptions = ExportOptions()) -> list[
     names += ["distil_t5", "context_adapter"] if cfg.model.text.kind == "neodragon" else ["t5"]
     k = len(block_ranges(cfg.model.mmdit.num_layers, opts.mmdit_split))
     for s in range(cfg.pyramid.num_stages):
-        names += [f"mmdit_stage{s}"] if k == 1 else [f"mmdit_stage{s}_part{i + 1}of{k}" for i in range(k)]
+        for base in [f"mmdit_stage{s}"] + ([f"mmdit_stage{s}_first"] if first_unit_graphs(cfg) else []):
+            names += [base] if k == 1 else [f"{base}_part{i + 1}of{k}" for i in range(k)]
     names.append("vae_encoder")
     names += ["light_decoder", "light_decoder_step"] if cfg.model.vae.decoder == "light" else ["vae_decoder"]
     return names
@@ -629,5 +658,5 @@ __all__ = [
     "CLIPPooledGraph", "Component", "ContextAdapterGraph", "DecoderGraph", "ExportError", "ExportOptions",
     "LightDecoderStepGraph", "MASK_VALUE", "MMDiTGraph", "TextTokensGraph", "VAEEncoderGraph", "block_ranges",
     "build_components", "component_names", "latent_geometry", "load_jax_models", "neodragon_variant",
-    "stage_grids", "stage_timesteps",
+    "current_frames", "first_unit_graphs", "stage_grids", "stage_timesteps",
 ]

@@ -2,10 +2,9 @@
 end on held-out prompts: what the phone's text encoders and decoder do to the strict scorer's accuracy.
 
 ``LiteRTPipeline`` is a ``TextToVideoPipeline`` whose ``encode_text`` runs the ``.tflite`` text graphs
-(``clip_l``, ``clip_g`` and ``distil_t5`` + ``context_adapter``, or the teacher's ``t5``) and whose ``decode``
-runs the ``light_decoder`` graph, each at one precision; the MMDiT is still sampled in JAX (its static graphs
-need ``pyramid.frames_per_unit = 1``, see ``export.components.stage_grids``), so every row says which
-components ran on LiteRT. :func:`score_exported` scores each precision on the same prompts and seeds as the
+(``clip_l``, ``clip_g`` and ``distil_t5`` + ``context_adapter``, or the teacher's ``t5``), whose sampler calls
+the static MMDiT stage graphs (:class:`LiteRTMMDiT`) and whose ``decode`` runs the ``light_decoder`` graph,
+each at one precision. A graph that was not exported stays in JAX, and every row says which ran on LiteRT. :func:`score_exported` scores each precision on the same prompts and seeds as the
 JAX pipeline and reports the change in points.
 """
 
@@ -46,6 +45,67 @@ def _check_shape(name: str, io: dict, which: str, index: int, shape: tuple[int, 
                                f"{tuple(shape)}; export the graphs from this model (same config and frames)")
 
 
+class LiteRTMMDiT:
+    """The sampler's model callable (``model(clips, tokens, mask, pooled, timestep) -> velocity``) backed by the
+    exported static stage graphs, called from the jitted Euler step through ``jax.pure_callback``.
+
+    A stage graph holds the last unit's layout: one slot per history frame, oldest first, then the current
+    clip. An earlier unit's history, split into frames, fills the newest slots (the resolutions line up:
+    ``export.components.stage_grids``) and the rest are marked unused in ``history_valid``. Unit 0 runs the
+    ``_first`` graph of the stage when the model has several frames per unit."""
+
+    def __init__(self, graphs: dict):
+        self.graphs = graphs  # name -> (LiteRTRunner, io.json)
+        self.current_hw = {}
+        for name, (_, io) in graphs.items():
+            shapes = {i["name"]: tuple(i["shape"]) for i in io["inputs"]}
+            self.current_hw[name] = shapes["current"][2:]  # (frames, H, W)
+
+    def _pick(self, frames: int, hw: tuple[int, int], has_history: bool) -> str:
+        fits = [n for n, shape in self.current_hw.items() if shape == (frames, *hw)]
+        first = [n for n in fits if n.endswith("_first")]
+        later = [n for n in fits if not n.endswith("_first")]
+        # unit 0 takes its own graph where there is one; else the stage graph with every slot unused
+        chosen = later if has_history else first or later
+        if not chosen:
+            raise LiteRTScoreError(f"no exported MMDiT graph takes a current clip of {frames} frame(s) at {hw}"
+                                   + (" with history" if has_history else "") + f"; graphs: {self.current_hw}")
+        return chosen[0]
+
+    def _host(self, history, current, tokens, mask, pooled, timestep):
+        b, _, frames, h, w = current.shape
+        name = self._pick(frames, (h, w), bool(history))
+        runner, io = self.graphs[name]
+        slots = [tuple(i["shape"]) for i in io["inputs"] if i["name"].startswith("clip_")]
+        per_frame = [c[:, :, k : k + 1] for c in history for k in range(c.shape[2])]  # oldest first
+        if len(per_frame) > len(slots):
+            raise LiteRTScoreError(f"{name}: {len(per_frame)} history frames for {len(slots)} slots")
+        filled = len(slots) - len(per_frame)
+        out = []
+        for i in range(b):
+            clips = [np.zeros(sh, np.float32) for sh in slots]
+            for k, frame in enumerate(per_frame):
+                if tuple(frame[i : i + 1].shape) != slots[filled + k]:
+                    raise LiteRTScoreError(f"{name}: history frame {k} is {frame.shape[2:]}, its slot "
+                                           f"{slots[filled + k][2:]}")
+                clips[filled + k] = frame[i : i + 1]
+            inputs = clips + [current[i : i + 1]]
+            if slots:
+                inputs.append((np.arange(len(slots)) >= filled).astype(np.float32)[None])
+            inputs += [tokens[i : i + 1], mask[i : i + 1], pooled[i : i + 1], timestep[i : i + 1]]
+            out.append(runner([np.ascontiguousarray(a, dtype=spec["dtype"])
+                               for a, spec in zip(inputs, io["inputs"])])[0])
+        return np.concatenate(out).astype(np.float32)
+
+    def __call__(self, clips, tokens, mask, pooled, timestep):
+        import jax
+
+        history, current = list(clips[:-1]), clips[-1]
+        result = jax.ShapeDtypeStruct(current.shape, np.float32)
+        return jax.pure_callback(self._host, result, history, current, tokens, mask.astype(np.float32), pooled,
+                                 timestep)
+
+
 @dataclasses.dataclass
 class LiteRTPipeline(TextToVideoPipeline):
     """``TextToVideoPipeline`` with LiteRT text encoders and decoder (see the module docstring)."""
@@ -59,8 +119,15 @@ class LiteRTPipeline(TextToVideoPipeline):
         tflite_dir = Path(tflite_dir)
         kind = pipe.cfg.model.text.kind
         text_names = ("clip_l", "clip_g") + (("distil_t5", "context_adapter") if kind == "neodragon" else ("t5",))
-        graphs = {n: g for n in text_names + ("light_decoder",)
+        from export.components import component_names
+
+        mmdit_names = tuple(n for n in component_names(pipe.cfg) if n.startswith("mmdit"))
+        graphs = {n: g for n in text_names + ("light_decoder",) + mmdit_names
                   if (g := _graph(tflite_dir, n, precision, threads)) is not None}
+        partial = [n for n in mmdit_names if n not in graphs]
+        if len(partial) not in (0, len(mmdit_names)):
+            raise LiteRTScoreError(f"{tflite_dir} has {precision} graphs of some MMDiT stages but not of "
+                                   f"{', '.join(partial)}: export all of them, or none (the MMDiT then runs in JAX)")
         missing = [n for n in text_names if n not in graphs]
         if missing:
             raise LiteRTScoreError(f"{tflite_dir} has no {precision} graphs of {', '.join(missing)}: run `neodragon "
@@ -71,7 +138,21 @@ class LiteRTPipeline(TextToVideoPipeline):
 
     @property
     def on_litert(self) -> list[str]:
-        return sorted(self.graphs)
+        names = sorted(n for n in self.graphs if not n.startswith("mmdit"))
+        return names + (["mmdit"] if self.mmdit_graphs else [])
+
+    @property
+    def mmdit_graphs(self) -> dict:
+        return {n: g for n, g in self.graphs.items() if n.startswith("mmdit")}
+
+    @property
+    def sampler(self):
+        if self._sampler is None and self.mmdit_graphs:
+            from neodragon_jax.pyramid.sampler import PyramidSampler
+            from neodragon_jax.pyramid.scheduler import make_schedule
+
+            self._sampler = PyramidSampler(LiteRTMMDiT(self.mmdit_graphs), make_schedule(self.cfg.pyramid))
+        return super().sampler
 
     def _run(self, name: str, *inputs: np.ndarray) -> list[np.ndarray]:
         runner, io = self.graphs[name]
@@ -137,7 +218,8 @@ def score_exported(pipe: TextToVideoPipeline, tflite_dir: str | Path, precisions
     rows = [reference]
     for precision in precisions:
         lp = LiteRTPipeline.wrap(pipe, tflite_dir, precision, threads)
-        say(f"[litert] {precision}: {', '.join(lp.on_litert)} on LiteRT, the MMDiT in JAX; {len(prompts)} prompts")
+        rest = "" if lp.mmdit_graphs else ", the MMDiT in JAX"
+        say(f"[litert] {precision}: {', '.join(lp.on_litert)} on LiteRT{rest}; {len(prompts)} prompts")
         res = evaluate_heldout(lp, prompts)
         change = {a: 100.0 * (res.report.accuracy[a] - reference["accuracy"][a]) for a in JUDGED}
         # how far the videos themselves moved (same prompts and seeds): uint8 frames, peak 255
@@ -166,7 +248,7 @@ def markdown(result: dict) -> str:
                      f"{r['seconds_per_video']:.3f}"])
     return "\n".join([
         f"## End to end through the exported graphs ({result['prompts']} held-out prompts, seeds 0..)", "",
-        "The sampler with the LiteRT graphs in place of the JAX text encoders and decoder (the MMDiT stays in "
-        "JAX), scored by the strict scorer beside chance; change = LiteRT - JAX in accuracy points "
+        "The sampler with the exported LiteRT graphs in place of the JAX models ('on LiteRT'; the rest stays "
+        "in JAX), scored by the strict scorer beside chance; change = LiteRT - JAX in accuracy points "
         f"({' / '.join(JUDGED)}); PSNR of the uint8 videos against the JAX pipeline's (same prompts and seeds; "
         "99 = identical).", "", markdown_table(header, body), ""])

@@ -71,7 +71,7 @@ class RecipeSettings:
     td_lr: float = 1e-3
     td_downstream: int = 48              # held-out prompts generated from student vs teacher tokens
     # technique 2: asymmetric decoder distillation
-    dec_steps: int = 2000
+    dec_steps: int = 1500
     dec_batch: int = 8
     dec_lr: float = 2e-3
     dec_chroma: float = 0.1
@@ -94,7 +94,7 @@ class RecipeSettings:
     compare_schedule: str = "20-20-20"   # the teacher schedule the NFE ratio is also measured against ("" = none)
     export_precisions: str = "fp32,fp16,int8"
     export_latency_runs: int = 3
-    export_score_prompts: int = 96       # held-out prompts sampled through the exported graphs (0 = none)
+    export_score_prompts: int = 48       # held-out prompts sampled through the exported graphs (0 = none)
 
     @classmethod
     def fields(cls) -> dict[str, type]:
@@ -115,7 +115,7 @@ ESTIMATE_S = {"data": 60, "latents": 60, "corpus": 5, "text-distill": (60, 0.12,
               "text-distill-eval": 120, "decoder": (180, 0.4, "dec_steps"), "decoder-eval": 90, "importance": 120,
               "select": 15, "recover-flow": (60, 0.4, "rf_steps"), "recover-distill": (90, 0.6, "rd_steps"),
               "prune-eval": 150, "synthesize": 270, "dmd": (120, 1.3, "dmd_steps"), "dmd-eval": 120,
-              "release": 360, "export": 240}
+              "release": 200, "export": 420}
 
 
 def parse_settings(overrides: list[str], quick: bool) -> tuple[RecipeSettings, list[str]]:
@@ -360,26 +360,15 @@ def build_phases(run: RecipeRun) -> list:
         return _read_json(ctx.dir / "neodragon-tiny" / "release.json")
 
     def export_job(ctx) -> dict:
-        from export.components import component_names
-        from neodragon_jax.releases import get_release
-
         st = ctx.settings
         folder = ctx.inputs["release"].dir / "neodragon-tiny"
-        cfg = get_release(folder.name, root=folder.parent).config()
-        names = component_names(cfg)
-        not_exported = {}
-        if cfg.pyramid.frames_per_unit != 1:
-            # The static MMDiT graphs hold one latent frame per history slot (export.components.stage_grids).
-            not_exported = {n: f"static MMDiT graphs need pyramid.frames_per_unit = 1; this model has "
-                               f"{cfg.pyramid.frames_per_unit}" for n in names if n.startswith("mmdit")}
-            _say(f"[export] not exported: {', '.join(not_exported)} ({next(iter(not_exported.values()))})")
+        # every component, the MMDiT stage graphs included (unit 0 has its own graph per stage)
         argv = ["export", "all", "--dry-run", "--model", str(folder), "--precision", st["export_precisions"],
-                "--latency-runs", str(st["export_latency_runs"]), "--out", str(ctx.dir),
-                "--components", ",".join(n for n in names if n not in not_exported)]
+                "--latency-runs", str(st["export_latency_runs"]), "--out", str(ctx.dir)]
         if st["export_score_prompts"]:
             argv += ["--score-prompts", str(st["export_score_prompts"])]
         _cli(argv, "export")
-        return dict(_read_json(ctx.dir / "report.json"), not_exported=not_exported)
+        return _read_json(ctx.dir / "report.json")
 
     T = ("teacher",)
     return [
@@ -517,8 +506,6 @@ def write_report(run: RecipeRun, records: dict, total_s: float) -> Path:
             lines.append(f"| {a.get('component')} | {a.get('backend')} | {a.get('precision')} | {a.get('status')} | "
                          f"{'-' if lat is None else f'{lat:.2f}'} | {'-' if rel is None else f'{rel:.2e}'} | "
                          f"{'-' if tol is None else f'{tol:g}'} |")
-    for name, why in ex.get("not_exported", {}).items():
-        lines.append(f"| {name} | - | - | not exported: {why} | - | - | - |")
     if ex.get("litert_scores"):
         from export.litert_sampler import markdown
 
