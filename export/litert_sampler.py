@@ -1,11 +1,12 @@
 """The release's sampler with its exported LiteRT graphs in place of the JAX models they replace, scored end to
-end on held-out prompts: what the phone's text encoders and decoder do to the strict scorer's accuracy.
+end on held-out prompts: what the phone's graphs do to the strict scorer's accuracy.
 
 ``LiteRTPipeline`` is a ``TextToVideoPipeline`` whose ``encode_text`` runs the ``.tflite`` text graphs
 (``clip_l``, ``clip_g`` and ``distil_t5`` + ``context_adapter``, or the teacher's ``t5``), whose sampler calls
 the static MMDiT stage graphs (:class:`LiteRTMMDiT`) and whose ``decode`` runs the ``light_decoder`` graph,
-each at one precision. A graph that was not exported stays in JAX, and every row says which ran on LiteRT. :func:`score_exported` scores each precision on the same prompts and seeds as the
-JAX pipeline and reports the change in points.
+each at one precision. A graph that was not exported (or MMDiT graphs split with ``--mmdit-split``) stays in
+JAX, and every row says which ran on LiteRT. :func:`score_exported` scores each precision on the same prompts
+and seeds as the JAX pipeline and reports the change in points.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ class LiteRTMMDiT:
 
 @dataclasses.dataclass
 class LiteRTPipeline(TextToVideoPipeline):
-    """``TextToVideoPipeline`` with LiteRT text encoders and decoder (see the module docstring)."""
+    """``TextToVideoPipeline`` with its exported LiteRT graphs in place of the JAX models (module docstring)."""
 
     graphs: dict = dataclasses.field(default_factory=dict, repr=False)
     precision: str = ""
