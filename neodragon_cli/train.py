@@ -179,6 +179,9 @@ def dry_run(cfg) -> int:
         raise CLIError(f"stage {cfg.train.stage!r} is a planning stand-in; use it with `neodragon plan --mesh ...`")
     plan = roles_lib.plan_roles(stage, built)
     specs = abstract_models(plan, list(plan.roles))
+    preflight = getattr(stage, "preflight", None)  # a stage's own checks (e.g. a target cache that must exist)
+    if callable(preflight):
+        problems += list(preflight(built))
     shape = parse_mesh_shape(cfg.mesh)
     # An axis of -1 takes the devices the run finds (a pod's, not this machine's): no count to check.
     needed = None if -1 in shape.values() else mesh_devices_needed(shape)

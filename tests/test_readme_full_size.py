@@ -56,6 +56,8 @@ def pod_inputs(tmp_path_factory):
     transformer = Path(env["RUNS"]) / "student" / "diffusion_transformer_384p"
     transformer.mkdir(parents=True)
     (transformer / "config.json").write_text(json.dumps({OURS: {"teacher_block_indices": kept}}))
+    (Path(env["RUNS"]) / "td-targets").mkdir(parents=True)  # what `text-distill cache` writes
+    (Path(env["RUNS"]) / "td-targets" / "manifest.json").write_text("{}")
     for run, stage in (("s1", "recover-flow"), ("s2", "recover-distill")):  # the runs' own config.json
         (Path(env["RUNS"]) / run).mkdir()
         (Path(env["RUNS"]) / run / "config.json").write_text(json.dumps({"train": {"stage": stage}}))
@@ -118,3 +120,12 @@ def test_a_wrong_line_is_caught(pod_inputs, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "does not split over the 256 devices" in err and "'/nowhere/pf' does not exist" in err
+
+
+def test_a_missing_target_cache_is_caught(pod_inputs, capsys):
+    argv = ["train", "text-distill", "--config", "pyramid-flow-sd3-320p", "--set", f"data.path={pod_inputs['CORPUS']}",
+            "--set", f"stages.text-distill.teacher_init=official:{pod_inputs['PF']}",
+            "--set", "stages.text-distill.targets=cache", "--set", "stages.text-distill.cache_dir=/nowhere/targets",
+            "--dry-run"]
+    assert main(argv) == 2
+    assert "holds no target cache" in capsys.readouterr().err

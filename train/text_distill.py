@@ -332,6 +332,15 @@ class TextDistill(RoleStage):
             out["target"] = d.cache.row(r)
         return out
 
+    def preflight(self, cfg: Config) -> list[str]:
+        """What ``train --dry-run`` can find wrong without reading a weight: a named target cache that is not
+        there (the default cache folder is keyed on the teacher's weights, so only a run can look for it)."""
+        s = self.settings
+        if s.targets == "cache" and s.cache_dir and not (Path(s.cache_dir) / MANIFEST).is_file():
+            return [f"stages.text-distill.cache_dir {s.cache_dir!r} holds no target cache ({MANIFEST}): write it "
+                    f"with `neodragon text-distill cache` first"]
+        return []
+
     def data_description(self, cfg: Config) -> str:
         s = self.settings
         where = "computed online" if s.targets == "online" else f"from the cache ({s.cache_dir or 'beside the corpus'})"
