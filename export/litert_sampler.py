@@ -57,20 +57,20 @@ class LiteRTMMDiT:
 
     def __init__(self, graphs: dict):
         self.graphs = graphs  # name -> (LiteRTRunner, io.json)
-        self.current_hw = {}
+        self.current_shape = {}  # graph name -> (frames, H, W) of its current clip
         for name, (_, io) in graphs.items():
             shapes = {i["name"]: tuple(i["shape"]) for i in io["inputs"]}
-            self.current_hw[name] = shapes["current"][2:]  # (frames, H, W)
+            self.current_shape[name] = shapes["current"][2:]
 
     def _pick(self, frames: int, hw: tuple[int, int], has_history: bool) -> str:
-        fits = [n for n, shape in self.current_hw.items() if shape == (frames, *hw)]
+        fits = [n for n, shape in self.current_shape.items() if shape == (frames, *hw)]
         first = [n for n in fits if n.endswith("_first")]
         later = [n for n in fits if not n.endswith("_first")]
         # unit 0 takes its own graph where there is one; else the stage graph with every slot unused
         chosen = later if has_history else first or later
         if not chosen:
             raise LiteRTScoreError(f"no exported MMDiT graph takes a current clip of {frames} frame(s) at {hw}"
-                                   + (" with history" if has_history else "") + f"; graphs: {self.current_hw}")
+                                   + (" with history" if has_history else "") + f"; graphs: {self.current_shape}")
         return chosen[0]
 
     def _host(self, history, current, tokens, mask, pooled, timestep):
