@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from neodragon_cli.prune import KEPT_ATTRIBUTES, PruneError, _acc, _schedule_args, _teacher_args, load_teacher
+from neodragon_cli.prune import (KEPT_ATTRIBUTES, PruneError, _acc, _schedule_args, _teacher_args, load_teacher,
+                                 video_cache, video_cache_arg)
 
 HELDOUT_DEFAULT = 96
 
@@ -56,6 +57,7 @@ def add_dmd_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--teacher-schedule", action="append", default=[], metavar="A-B-C",
                    help="also score the teacher at this schedule with its CFG (repeatable; e.g. 20-20-20, the "
                         "paper's teacher schedule); NFE ratios are then reported against each teacher row")
+    video_cache_arg(e)
     x = sub.add_parser("export", help="the DMD generator as an official folder")
     x.add_argument("--run", required=True, help="a dmd run folder")
     x.add_argument("--raw", action="store_true")
@@ -237,8 +239,9 @@ def _eval(args) -> int:
         ("DMD 4-4-4", gen, four, four, (0.0, 0.0)),
     ]
     results, rows = {}, []
+    cache = video_cache(args)
     for label, pipe, first, later, scales in runs:
-        results[label] = _evaluate(pipe, prompts, first, later, scales, label)
+        results[label] = _evaluate(pipe, prompts, first, later, scales, label, cache)
     results["hybrid"] = _hybrid(teacher, gen, prompts, tuple(s.first_unit_steps), one)
     base = results["teacher"]
     for label, res in results.items():

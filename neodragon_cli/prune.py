@@ -53,6 +53,18 @@ def _schedule_args(p) -> None:
     p.add_argument("--cfg", default=None, help="CFG scales 'FIRST/LATER' or one number (default: the config's)")
 
 
+def video_cache_arg(p) -> None:
+    p.add_argument("--video-cache", default=None, metavar="DIR",
+                   help="reuse generated videos kept in DIR (keyed by the weights, config, tokens, seed, steps and "
+                        "guidance, so only an identical request hits); new ones are added")
+
+
+def video_cache(args):
+    from neodragon_jax.eval.video_cache import VideoCache
+
+    return VideoCache(args.video_cache) if getattr(args, "video_cache", None) else None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True)
 
@@ -70,6 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _schedule_args(a)
     a.add_argument("--prompts", type=int, default=HELDOUT_DEFAULT, help=f"held-out prompts (default {HELDOUT_DEFAULT})")
     a.add_argument("--blocks", default=None, help="blocks to remove one at a time, e.g. 0,3 (default: all but the last)")
+    video_cache_arg(a)
     a.add_argument("--out", required=True, help="report folder")
 
     s = sub.add_parser("select", help="kept blocks from a rule -> the pruned student as an official folder")
@@ -89,6 +102,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a pruned folder or a recover-flow / recover-distill run (repeatable)")
     e.add_argument("--prompts", type=int, default=HELDOUT_DEFAULT, help=f"held-out prompts (default {HELDOUT_DEFAULT})")
     e.add_argument("--raw", action="store_true", help="runs: the raw trained weights instead of the EMA")
+    video_cache_arg(e)
     e.add_argument("--out", required=True, help="report folder")
 
 
@@ -240,18 +254,21 @@ def _score_row(label: str, res) -> dict:
     return {"label": label, **res.as_dict(), "denoise_ms_per_nfe": res.denoise_ms_per_nfe}
 
 
-def _evaluate(pipe, prompts, first, later, scales, label):
+def _evaluate(pipe, prompts, first, later, scales, label, cache=None):
     from neodragon_jax.eval.heldout import evaluate_heldout
 
     t0 = time.perf_counter()
+    hits0 = cache.hits if cache is not None else 0
 
     def progress(done, total):
         if done % 32 == 0 or done == total:
             s = time.perf_counter() - t0
-            _say(f"  [{label}] {done}/{total} videos, {done / s:.2f} videos/s, ETA {s / done * (total - done):.0f} s")
+            reused = f" ({cache.hits - hits0} read from the video cache)" if cache is not None else ""
+            _say(f"  [{label}] {done}/{total} videos{reused}, {done / s:.2f} videos/s, "
+                 f"ETA {s / done * (total - done):.0f} s")
 
     return evaluate_heldout(pipe, prompts, first_unit_steps=first, later_unit_steps=later, cfg_scales=scales,
-                            progress=progress)
+                            progress=progress, cache=cache)
 
 
 def _acc(res, attrs=KEPT_ATTRIBUTES) -> str:
@@ -281,14 +298,15 @@ def cmd_ablate(args) -> int:
     first, later, scales = _steps(args, teacher)
     prompts = heldout_prompts(args.prompts)
     rows, sheets = [], {}
-    res = _evaluate(teacher, prompts, first, later, scales, "teacher")
+    cache = video_cache(args)
+    res = _evaluate(teacher, prompts, first, later, scales, "teacher", cache)
     rows.append(_score_row("teacher", res) | {"removed": None})
     _say(f"teacher: {_acc(res)}")
     k = min(SHEET_ROWS, len(prompts))
     for b in blocks:
         kept = [i for i in range(n) if i != b]
         pipe = teacher.replace(mmdit=prune(teacher.mmdit, kept))
-        r = _evaluate(pipe, prompts, first, later, scales, f"without block {b}")
+        r = _evaluate(pipe, prompts, first, later, scales, f"without block {b}", cache)
         rows.append(_score_row(f"without block {b}", r) | {"removed": b})
         labels = [x for p in prompts[:k] for x in (f"teacher: {p}", f"without block {b} (same seed)")]
         videos = [v for pair in zip(res.videos[:k], r.videos[:k]) for v in pair]
@@ -416,8 +434,9 @@ def cmd_eval(args) -> int:
     prompts = heldout_prompts(args.prompts)
     rows, results = [], {}
     n = len(teacher.mmdit.transformer_blocks)
+    cache = video_cache(args)
     for label, pipe, kept in [("teacher", teacher, tuple(range(n)))] + pipes:
-        res = _evaluate(pipe, prompts, first, later, scales, label)
+        res = _evaluate(pipe, prompts, first, later, scales, label, cache)
         results[label] = res
         rows.append(_score_row(label, res) | {"source": pipe.source, "kept": list(kept), "blocks": len(kept),
                                               "params": _params(pipe.mmdit)})

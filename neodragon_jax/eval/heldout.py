@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from neodragon_jax.eval.scorer import ScoreReport, chance_level, score_pairs
+
+if TYPE_CHECKING:
+    from neodragon_jax.eval.video_cache import VideoCache
 
 #: The held-out prompts' seed (the demo's ``eval_seed``).
 HELDOUT_SEED = 1
@@ -67,25 +70,37 @@ def schedule_name(first: Sequence[int], later: Sequence[int], cfg_scales: Sequen
 
 def evaluate_heldout(pipe, prompts: Sequence[str], *, first_unit_steps: Sequence[int] | None = None,
                      later_unit_steps: Sequence[int] | None = None, cfg_scales: Sequence[float] | None = None,
-                     seed: int = 0, progress: Callable[[int, int], None] | None = None) -> HeldoutResult:
+                     seed: int = 0, progress: Callable[[int, int], None] | None = None,
+                     cache: "VideoCache | None" = None) -> HeldoutResult:
     """Generate one video per prompt (seed ``seed + i``) with ``pipe`` (a ``TextToVideoPipeline``) and score
-    them. Steps and guidance default to the pipeline config's ``sampling``."""
+    them. Steps and guidance default to the pipeline config's ``sampling``. With ``cache``, a video this
+    pipeline already generated for the same request is read back (its recorded timings kept)."""
+    from neodragon_jax.eval.video_cache import CachedVideo
     from neodragon_jax.pipelines.text_to_video import GenerationRequest
 
     s = pipe.cfg.sampling
     first = tuple(first_unit_steps or s.first_unit_steps)
     later = tuple(later_unit_steps or s.later_unit_steps)
     scales = tuple(cfg_scales) if cfg_scales is not None else (s.first_unit_cfg, s.later_unit_cfg)
-    videos, nfe, t0, denoise = [], 0, time.perf_counter(), []
+    videos, nfe, seconds, denoise = [], 0, 0.0, []
     for i, prompt in enumerate(prompts):
-        res = pipe.generate(GenerationRequest(prompt=prompt, seed=seed + i, first_unit_steps=first,
-                                              later_unit_steps=later, cfg_scales=scales))
-        videos.append(res.frames)
-        denoise.append(res.timings["denoise"])
-        nfe = res.nfe
+        request = GenerationRequest(prompt=prompt, seed=seed + i, first_unit_steps=first, later_unit_steps=later,
+                                    cfg_scales=scales)
+        key = cache.key(pipe, request) if cache is not None else None
+        video = cache.get(key) if cache is not None else None
+        if video is None:
+            t0 = time.perf_counter()
+            res = pipe.generate(request)
+            video = CachedVideo(res.frames, res.nfe, time.perf_counter() - t0, res.timings["denoise"])
+            if cache is not None:
+                cache.put(key, video)
+        videos.append(video.frames)
+        denoise.append(video.denoise_seconds)
+        seconds += video.seconds
+        nfe = video.nfe
         if progress is not None:
             progress(i + 1, len(prompts))
-    seconds = (time.perf_counter() - t0) / max(len(prompts), 1)
+    seconds /= max(len(prompts), 1)
     report = score_pairs(zip(videos, prompts))
     chance = chance_level([v.analysis for v in report.videos], list(prompts))
     return HeldoutResult(schedule_name(first, later, scales), list(prompts), videos, report, chance, nfe, seconds,
