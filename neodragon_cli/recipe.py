@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_WORKDIR = "runs/recipe"
+#: Held-out videos the evaluation phases share (the teacher at its schedule is scored by prune-eval and dmd-eval).
+VIDEO_CACHE = "video-cache"
 #: The kept attributes every stage is judged by (the scorer's shape judgement is at chance for the teacher).
 JUDGED = ("colour", "motion")
 
@@ -84,10 +86,10 @@ class RecipeSettings:
     prune_batch: int = 16
     prune_lr: float = 2e-4
     rf_steps: int = 400
-    rd_steps: int = 600
+    rd_steps: int = 450
     # technique 4: pyramidal DMD
-    synth_videos: int = 512
-    dmd_steps: int = 300
+    synth_videos: int = 384
+    dmd_steps: int = 200
     dmd_batch: int = 16
     dmd_lr: float = 1e-4
     # the release and its export
@@ -321,7 +323,7 @@ def build_phases(run: RecipeRun) -> list:
         _cli(["prune", "eval", "--model", ctx.settings["teacher"], "--prompts", str(ctx.settings["eval_prompts"]),
               "--student", f"pruned (no recovery)={i['select'].dir / 'student'}",
               "--student", f"stage 1={i['recover-flow'].dir}", "--student", f"stage 1 + 2={i['recover-distill'].dir}",
-              "--out", str(ctx.dir)], "prune-eval")
+              "--video-cache", str(run.workdir / VIDEO_CACHE), "--out", str(ctx.dir)], "prune-eval")
         return _read_json(ctx.dir / "eval.json")
 
     # -- technique 4: pyramidal DMD from the recovered pruned student
@@ -341,7 +343,7 @@ def build_phases(run: RecipeRun) -> list:
 
     def dmd_eval_job(ctx) -> dict:
         _cli(["dmd", "eval", "--run", str(ctx.inputs["dmd"].dir), "--prompts", str(ctx.settings["eval_prompts"]),
-              "--out", str(ctx.dir)], "dmd-eval")
+              "--video-cache", str(run.workdir / VIDEO_CACHE), "--out", str(ctx.dir)], "dmd-eval")
         return _read_json(ctx.dir / "eval.json")
 
     # -- Neodragon-tiny, and its export
