@@ -185,6 +185,13 @@ class Launcher:
         if lost is None:
             return 0
         rank, rc = lost
+        stopped = {128 + signal.SIGTERM: "SIGTERM", 128 + signal.SIGINT: "SIGINT"}
+        if rc in stopped and all(c == rc for c in codes):
+            # `neodragon train` exits so after checkpointing the step every process agreed to stop at
+            print(f"neodragon launch: every process stopped on {stopped[rc]} (a signal to one of them stops all, "
+                  f"after a checkpoint); relaunch the same command with --resume to continue", file=sys.stderr,
+                  flush=True)
+            return rc
         if rc > 0 and all(c == rc for c in codes):
             print(f"neodragon launch: every process exited with status {rc} (their errors are above)",
                   file=sys.stderr, flush=True)

@@ -285,6 +285,12 @@ def _train(cfg, resume: bool, cache: str | None, stop_after: int | None = None) 
         say(f"neodragon train: {e}", file=sys.stderr)  # every process stops at the same step
         return 3
     loss = result.last_metrics.get("loss")
+    if result.stopped_by:
+        import signal
+
+        say(f"stopped by {result.stopped_by} after step {result.end_step} of {cfg.train.steps}: checkpoint "
+            f"{ckpt_dir / str(result.end_step)}; continue with the same command and --resume", flush=True)
+        return 128 + int(getattr(signal, result.stopped_by))
     say(f"done: steps {result.start_step}..{result.end_step}"
           + (f", final loss {loss:.5g}" if loss is not None else "")
           + f"; checkpoint {ckpt_dir / str(result.end_step)}", flush=True)

@@ -7,6 +7,12 @@ verb calls :func:`run`). A run resumes from the latest complete checkpoint in it
 Host/device overlap: metrics of step ``s`` are read back after step ``s + 1`` has been dispatched, so the
 host never idles the device; before a checkpoint every outstanding step is checked for non-finite values,
 so a checkpoint never holds a state produced by a NaN step.
+
+Preemption: SIGTERM (what a cluster sends before it takes the machines back) or SIGINT (Ctrl-C) asks the run to
+stop. The loop finishes the step in flight, writes a checkpoint and returns with ``RunResult.stopped_by`` set,
+so ``--resume`` continues exactly; a second signal of the same kind ends the process at once. In a multi-process
+run every process must stop at the same step (a save is collective): the processes agree every
+``train.log_every`` steps, and one signalled process is enough.
 """
 
 from __future__ import annotations
@@ -49,6 +55,41 @@ class RunResult:
     # True when ``train.time_limit_s`` ended the run before ``end_step`` was planned (``end_step`` is then
     # the step it reached and saved).
     time_limited: bool = False
+    # "SIGTERM" / "SIGINT" when a signal ended the run early (after the checkpoint of ``end_step``).
+    stopped_by: str | None = None
+
+
+class StopSignals:
+    """Turns the first SIGTERM / SIGINT into a stop request the loop acts on at a step boundary (the handlers
+    are installed only in the main thread and restored on exit); a second one of the same kind is not caught."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, _frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = name
+            print(f"{name} received: stopping after this step with a checkpoint (again to stop at once)",
+                  file=sys.stderr, flush=True)
+        prev = self._previous.get(signum)
+        signal.signal(signum, prev if prev is not None else signal.SIG_DFL)
+
+    def __enter__(self) -> "StopSignals":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        self._previous.clear()
 
 
 def with_stage_settings(cfg: Config, stage) -> Config:
@@ -167,21 +208,29 @@ def run(
             writer.write(s, host, console=console and (s % cfg.train.log_every == 0 or s == end - 1))
 
     time_limited = False
+    stopped_by = None
 
-    def out_of_time(done: int) -> bool:
-        if not cfg.train.time_limit_s:
-            return False
-        over = time.monotonic() - t_call >= cfg.train.time_limit_s
+    def should_stop(done: int) -> tuple[bool, str | None]:
+        """(out of time, the signal that asks to stop), the same in every process."""
+        over = bool(cfg.train.time_limit_s) and time.monotonic() - t_call >= cfg.train.time_limit_s
+        signalled = signals.received
         if jax.process_count() > 1:
-            # Every process must stop at the same step (a save is collective): process 0's clock decides,
-            # asked every log_every steps so the broadcast does not serialise each step.
+            # Every process must stop at the same step (a save is collective): process 0's clock decides the
+            # time limit, any process's signal stops all; asked every log_every steps so the exchange does not
+            # serialise each step.
             if done % cfg.train.log_every:
-                return False
+                return False, None
+            import numpy as np
             from jax.experimental import multihost_utils
 
-            over = bool(multihost_utils.broadcast_one_to_all(over))
-        return over
+            code = {None: 0, "SIGTERM": 1, "SIGINT": 2}
+            mine = np.asarray([int(over), code.get(signalled, 1)], np.int32)
+            every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2)
+            over = bool(every[0, 0])
+            signalled = {v: k for k, v in code.items()}[int(every[:, 1].max())] if every[:, 1].any() else None
+        return over, signalled
 
+    signals = StopSignals().__enter__()
     try:
         for s in range(start, end):
             profiler.before_step(s)
@@ -191,7 +240,15 @@ def run(
             drain(keep=1)
             profiler.after_step(s, sync=metrics)
             done = s + 1
-            if done < end and out_of_time(done):
+            over, signalled = should_stop(done) if done < end else (False, None)
+            if signalled:
+                stopped_by = signalled
+                log.warning("%s: saving step %d of %d and stopping", signalled, done, end)
+                if console and is_main:
+                    print(f"{signalled}: checkpointing step {done} of {end} and stopping (continue with --resume)",
+                          flush=True)
+                end = done
+            elif over:
                 time_limited = True
                 log.warning("train.time_limit_s=%g reached at step %d of %d: saving and stopping",
                             cfg.train.time_limit_s, done, end)
@@ -207,16 +264,17 @@ def run(
             if debug_kill_at_step is not None and done == debug_kill_at_step:
                 # Test hook: die like a preempted job, possibly with an async save in flight.
                 os.kill(os.getpid(), signal.SIGKILL)
-            if time_limited:
+            if time_limited or stopped_by:
                 break
         drain(keep=0)
     finally:
+        signals.__exit__(None, None, None)
         profiler.close()
         ckpt.close()
         writer.close()
         data.close()
     return RunResult(out_dir, start, end, resumed_from, losses, last, flops, peak, state if keep_state else None,
-                     time_limited=time_limited)
+                     time_limited=time_limited, stopped_by=stopped_by)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -209,6 +209,22 @@ def _latest_step(cfg: Config) -> int | None:
         absl.setLevel(level)
 
 
+class RecipeStopped(Exception):
+    """A signal (SIGTERM / SIGINT) stopped a training phase after a checkpoint: the phase is not finished, and
+    running the recipe again resumes it."""
+
+    def __init__(self, phase: str, signal_name: str, step: int):
+        super().__init__(f"[{phase}] stopped by {signal_name} with a checkpoint at step {step}; run the same "
+                         f"command again to resume")
+        self.phase, self.signal_name, self.step = phase, signal_name, step
+
+    @property
+    def exit_status(self) -> int:
+        import signal
+
+        return 128 + int(getattr(signal, self.signal_name, signal.SIGINT))
+
+
 def _train_config(phase: Phase, cfg: Config, folder: Path) -> Config:
     return dataclasses.replace(
         cfg,
@@ -233,6 +249,8 @@ def _run_train(phase: Phase, ctx: PhaseContext, stage, mesh, run_kwargs, around_
             ctx.say(f"[{phase.name}] resuming from the checkpoint at step {latest} of {cfg.train.steps}")
         with around_train(ctx) if around_train is not None else nullcontext():
             result = run(cfg, stage=stage, mesh=mesh, **run_kwargs)
+        if result.stopped_by:
+            raise RecipeStopped(phase.name, result.stopped_by, result.end_step)
         results = {"end_step": result.end_step, "metrics": {k: float(v) for k, v in result.last_metrics.items()},
                    "time_limited": bool(result.time_limited)}
     if phase.after is not None:

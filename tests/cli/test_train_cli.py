@@ -47,6 +47,51 @@ def test_train_flow_runs_stops_and_resumes(tmp_path):
     assert (work / "checkpoints" / "3").is_dir()
 
 
+def test_sigterm_checkpoints_the_step_it_stops_at_and_resume_continues_the_same_losses(tmp_path):
+    """A preemption notice (SIGTERM) mid-run: the step in flight finishes, a checkpoint is written there, the
+    command exits 143 saying how to continue, and --resume gives the uninterrupted run's losses."""
+    import re
+    import signal
+
+    import numpy as np
+
+    toy = ["--config", "tiny", "--set", "train.peak_flops=1e9", "--set", "train.tensorboard=false", "--set",
+           "data.num_synthetic=4000", "--set", "checkpoint.every_steps=1000", "--log-every", "1"]
+    steps = 400  # long enough that the signal lands mid-run on any machine
+    ref_dir, work = tmp_path / "ref", tmp_path / "run"
+    assert main(["train", "toy", "--steps", str(steps), "--workdir", str(ref_dir), "--compile-cache", "none",
+                 *toy]) == 0
+    ref = {json.loads(line)["step"]: json.loads(line)["loss"] for line in (ref_dir / "metrics.jsonl").open()}
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "neodragon_cli", "train", "toy", "--steps", str(steps), "--workdir", str(work),
+           "--compile-cache", "none", *toy]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if re.match(r"step 5 \|", line):
+                proc.send_signal(signal.SIGTERM)
+                break
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    m = re.search(r"stopped by SIGTERM after step (\d+) of 400: checkpoint .*; continue with the same command and "
+                  r"--resume", out)
+    assert m, out[-2000:] + err[-2000:]
+    stopped = int(m[1])
+    assert 6 <= stopped < steps
+    assert "SIGTERM received: stopping after this step with a checkpoint" in err
+    assert sorted(p.name for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == [str(stopped)]
+
+    assert main(["train", "toy", "--steps", str(steps), "--workdir", str(work), "--compile-cache", "none",
+                 "--resume", *toy]) == 0
+    got = {json.loads(line)["step"]: json.loads(line)["loss"] for line in (work / "metrics.jsonl").open()}
+    assert sorted(got) == list(range(steps))
+    np.testing.assert_allclose([got[s] for s in range(steps)], [ref[s] for s in range(steps)], rtol=1e-6, atol=0)
+
+
 def test_train_toy_in_process(tmp_path, capsys):
     rc = main(["train", "toy", "--config", "tiny", "--steps", "2", "--workdir", str(tmp_path / "toy"),
                "--compile-cache", "none", "--set", "train.peak_flops=1e9", "--set", "train.tensorboard=false"])

@@ -193,3 +193,37 @@ def test_two_process_checkpoint_restores_into_one_process(runs):
     assert single.resumed_from == 5 and single.start_step == 5 and single.end_step == STEPS
     _assert_close(single.losses, runs["ref"], range(5, STEPS))
     assert sorted(runs["single_losses"]) == list(range(STEPS))
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_every_process_at_one_step_with_a_checkpoint(runs, tmp_path):
+    """A preemption notice that reaches one host: all processes agree on the step, save it together and exit
+    143; the launcher says so; a resume continues with the uninterrupted losses."""
+    work = tmp_path / "preempted"
+    launch = Launch(work, tmp_path / "xla-cache")
+    pids, signalled = {}, False
+    try:
+        while (line := launch.next_line()) is not None:
+            if m := re.match(r"neodragon launch: rank (\d+) is pid (\d+)", line):
+                pids[int(m[1])] = int(m[2])
+            if not signalled and re.match(r"\[rank 0\] step 2 \|", line):
+                os.kill(pids[1], signal.SIGTERM)
+                signalled = True
+        rc = launch.proc.wait(timeout=60)
+    finally:
+        launch.kill()
+    out = launch.output
+    assert signalled, _errors(out)
+    assert rc == 128 + signal.SIGTERM, _errors(out)
+    assert "every process stopped on SIGTERM" in out, _errors(out)
+    m = re.search(r"\[rank 0\] stopped by SIGTERM after step (\d+) of 10", out)
+    assert m, _errors(out)
+    stopped = int(m[1])
+    assert 3 <= stopped < STEPS
+    ckpt = Checkpointer(checkpoint_dir(_config(work)), _config(work).checkpoint, read_only=True)
+    assert ckpt.latest_step() == stopped
+    before = _losses(work)
+    _assert_close(before, runs["ref"], range(stopped))
+    resumed = run(_config(work, resume=True), console=False)
+    assert resumed.resumed_from == stopped
+    _assert_close(_losses(work), runs["ref"], range(STEPS))
