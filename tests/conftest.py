@@ -54,7 +54,8 @@ def _jax_stays_32_bit():
 #: runs in one xdist worker per core with whole files per worker; starting these first lets the short files
 #: fill in around them instead of one long file finishing alone at the end.
 LONG_FILES = ("tests/cli/test_dmd_cli.py", "tests/cli/test_demo.py", "tests/cli/test_prune.py",
-              "tests/cli/test_eval_decoder_cli.py", "tests/train/test_multihost.py", "tests/train/test_dmd.py",
+              "tests/cli/test_eval_decoder_cli.py", "tests/train/test_multihost.py", "tests/train/test_multihost_stages.py",
+              "tests/train/test_dmd.py",
               "tests/train/test_pruning.py", "tests/export/test_litert_sampler.py", "tests/export/test_tflite.py",
               "tests/export/test_mmdit_units.py")
 

@@ -1,5 +1,6 @@
 """The evaluation video cache: an identical request reads back the same pixels (and its original timings);
-a changed weight, seed, schedule or prompt is a miss, never a stale hit; a damaged entry is regenerated."""
+a changed weight, config, seed, schedule, guidance or prompt is another key, never a stale hit; a damaged
+entry is regenerated."""
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ class Counting:
         return self.pipe.generate(req)
 
 
-def test_identical_requests_hit_and_everything_that_decides_pixels_misses(pipe, tmp_path):
+def test_identical_requests_read_back_the_same_pixels_and_timings(pipe, tmp_path):
     prompts = heldout_prompts(3)
     kw = dict(first_unit_steps=(1, 1, 1), later_unit_steps=(1, 1, 1), cfg_scales=(0.0, 0.0))
     counting = Counting(pipe)
@@ -49,16 +50,24 @@ def test_identical_requests_hit_and_everything_that_decides_pixels_misses(pipe, 
     for a, b in zip(first.videos, uncached.videos):
         np.testing.assert_array_equal(a, b)
 
-    c = VideoCache(tmp_path / "cache")
-    evaluate_heldout(counting, prompts, seed=7, cache=c, **kw)                    # other seeds
-    evaluate_heldout(counting, prompts[:2], cache=c, first_unit_steps=(2, 1, 1),  # another schedule
-                     later_unit_steps=(1, 1, 1), cfg_scales=(0.0, 0.0))
-    evaluate_heldout(counting, prompts[:2], cache=c, first_unit_steps=(1, 1, 1),  # other guidance
-                     later_unit_steps=(1, 1, 1), cfg_scales=(2.0, 2.0))
-    evaluate_heldout(counting, heldout_prompts(5)[3:], cache=c, **kw)             # other prompts
-    assert c.hits == 0 and counting.generated == 3 + 3 + 2 + 2 + 2
 
-    # one weight changed by one ulp-sized step: another pipeline digest, so a miss
+def test_every_field_that_decides_pixels_changes_the_key(pipe, tmp_path):
+    import dataclasses
+
+    from neodragon_jax.pipelines.text_to_video import GenerationRequest
+
+    cache = VideoCache(tmp_path)
+    base = GenerationRequest(prompt="a red circle moving left on a white background", seed=3,
+                             first_unit_steps=(1, 1, 1), later_unit_steps=(1, 1, 1), cfg_scales=(0.0, 0.0))
+    k0 = cache.key(pipe, base)
+    assert cache.key(pipe, dataclasses.replace(base)) == k0  # the same request, the same key
+    changes = dict(prompt="a blue circle moving left on a white background", seed=4, num_frames=1,
+                   first_unit_steps=(2, 1, 1), later_unit_steps=(1, 1, 2), cfg_scales=(2.0, 0.0),
+                   negative_prompt="blurry")
+    keys = {name: cache.key(pipe, dataclasses.replace(base, **{name: v})) for name, v in changes.items()}
+    assert k0 not in keys.values() and len(set(keys.values())) == len(keys), keys
+
+    # one weight moved by 1e-3: another pipeline digest, so another key
     other = pipe.replace(mmdit=pipe.mmdit)
     d0 = pipeline_digest(other)
     leaf = other.mmdit.proj_out.bias
@@ -66,12 +75,13 @@ def test_identical_requests_hit_and_everything_that_decides_pixels_misses(pipe, 
     leaf[...] = leaf[...].at[0].add(1e-3)
     try:
         assert pipeline_digest(other) != d0
-        c2 = VideoCache(tmp_path / "cache")
-        evaluate_heldout(other, prompts[:2], cache=c2, **kw)
-        assert c2.hits == 0 and c2.misses == 2
+        assert VideoCache(tmp_path).key(other, base) != k0
     finally:
         leaf[...] = saved
     assert pipeline_digest(other) == d0
+    # a config change that touches no weight (the pyramid's gamma, which moves the stage boundaries) too
+    gamma = pipe.replace(cfg=dataclasses.replace(pipe.cfg, pyramid=dataclasses.replace(pipe.cfg.pyramid, gamma=0.5)))
+    assert VideoCache(tmp_path).key(gamma, base) != k0
 
 
 def test_a_damaged_entry_is_regenerated(pipe, tmp_path):
