@@ -382,6 +382,10 @@ def combine_reports(reports: list[PlanReport], points: list[tuple[int, ...]], ta
             out[f.name] = {k: lin([v[k] for v in values]) for k in values[0]}
         elif f.name == "compile_seconds":
             out[f.name] = float(sum(values))
+        elif f.name == "generated_code_bytes_per_device":
+            # Code is not always affine in depth: the TPU compiler may outline repeated blocks, so a deeper probe
+            # can compile to less code and the line would run negative. Never below the largest compiled size.
+            out[f.name] = max(lin(values), max(values))
         elif f.name.endswith("_per_device") or f.name == "flops_per_step":
             out[f.name] = lin(values)
         elif f.name == "est_step_seconds":

@@ -86,6 +86,20 @@ def test_depth_extrapolation_is_affine_in_the_block_count():
         extrapolate_depth(_report(2, 1, 1), _report(2, 1, 1), 18)
 
 
+def test_generated_code_is_extrapolated_when_it_grows_and_never_below_the_compiled_size():
+    from train.plan import extrapolate_depth
+
+    growing = extrapolate_depth(_report(2, 1, 1, generated_code_bytes_per_device=300),
+                                _report(3, 1, 1, generated_code_bytes_per_device=400), 18)
+    assert growing.generated_code_bytes_per_device == 1900
+    # The TPU compile of the DMD step at 3 blocks made less code than at 2 (outlined blocks); the line would give
+    # -4.3 GiB at 18 blocks and a total below the state plus temporaries.
+    shrinking = extrapolate_depth(_report(2, 1, 1, generated_code_bytes_per_device=900),
+                                  _report(3, 1, 1, generated_code_bytes_per_device=600), 18)
+    assert shrinking.generated_code_bytes_per_device == 900
+    assert shrinking.total_bytes_per_device >= shrinking.temp_bytes_per_device + shrinking.param_bytes_per_device
+
+
 def _pruned_report(teacher, student):
     """Figures affine in both block counts, with different per-block costs for the teacher and student."""
     frozen, trained = 100 + 700 * teacher, 50 + 777 * student
