@@ -44,6 +44,8 @@ def add_synthesize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--process-index", type=int, default=0, help="this host's share of the batches")
     p.add_argument("--process-count", type=int, default=1)
+    p.add_argument("--devices", type=int, default=None,
+                   help="local devices each batch is split over (default: the most that divide --batch)")
     p.add_argument("--out", required=True, help="output folder (records/, synthesize.json, sheet.png); resumable")
 
 
@@ -116,9 +118,11 @@ def _synthesize(args) -> int:
 
     res = synthesize_records(teacher, prompts, args.out, batch=args.batch, first_unit_steps=first,
                              later_unit_steps=later, cfg_scales=scales, seed=args.seed,
-                             process_index=args.process_index, process_count=args.process_count, progress=progress)
+                             process_index=args.process_index, process_count=args.process_count,
+                             devices=args.devices, progress=progress)
     _write_sheet(teacher, Path(args.out))
-    _say(f"wrote {res['written']} records ({res['skipped']} already there) to {Path(args.out) / 'records'}; train "
+    _say(f"wrote {res['written']} records ({res['skipped']} already there, {res['devices']} device(s) per batch) to "
+         f"{Path(args.out) / 'records'}; train "
          f"with: neodragon train dmd --records {Path(args.out) / 'records'}")
     return 0
 

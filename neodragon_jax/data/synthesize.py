@@ -5,7 +5,11 @@ list in batches and writes one record per video in the flow stage's format (``la
 them, normalised; the prompt's text features; the empty prompt's ``null_*`` features; the caption). Resumable:
 a batch whose records all exist is skipped, records are written atomically, and the folder's ``synthesize.json``
 key (teacher, schedule, prompts, seed, batch) must match to resume. Several processes (hosts) split the batches
-(``process_index`` / ``process_count``); within a process the sampler runs on its default device.
+(``process_index`` / ``process_count``); within a process each batch is split over the local devices (data
+parallel: the weights replicated, the batch sharded), so a host with 8 chips makes 8 videos at once. A batch
+is always sampled at its full size (the last one padded with its final prompt, the padding discarded; fewer
+prompts than a batch make one batch of their number), so the records are the same function of (seed, batch)
+on any number of devices.
 """
 
 from __future__ import annotations
@@ -43,10 +47,11 @@ def _atomic_save(path: Path, record: dict) -> None:
 
 def synthesize_records(pipe, prompts: Sequence[str], out_dir: str | Path, *, batch: int = 16, first_unit_steps=None,
                        later_unit_steps=None, cfg_scales=None, seed: int = 0, num_frames: int | None = None,
-                       process_index: int = 0, process_count: int = 1,
+                       process_index: int = 0, process_count: int = 1, devices: int | None = None,
                        progress: Callable[[int, int, float], None] | None = None) -> dict:
     """Write ``out_dir/records/NNNNNN.npz`` for every prompt (video ``i`` = prompt ``i``; the noise of batch ``j``
-    comes from ``fold_in(key(seed), j)``). Returns the key plus counts (written, skipped)."""
+    comes from ``fold_in(key(seed), j)``). ``devices``: local devices each batch is split over (default: the
+    most of them that divide ``batch``). Returns the key plus counts (written, skipped) and the devices used."""
     from neodragon_jax.pipelines.text_to_video import latent_shape
 
     if batch < 1 or not prompts:
@@ -69,9 +74,14 @@ def synthesize_records(pipe, prompts: Sequence[str], out_dir: str | Path, *, bat
             diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
             raise SynthesizeError(f"{out} holds records synthesized with other settings ({', '.join(diff)} differ); "
                                   f"use another --out or the same settings to resume")
+    # Fewer prompts than a batch: one batch of them (no padding up to an unused size).
+    full = min(batch, len(prompts))
+    mesh = _batch_mesh(full, devices)
     rec_dir.mkdir(parents=True, exist_ok=True)
     if process_index == 0:
         key_path.write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
+    if mesh is not None:
+        _replicate(pipe, mesh)
 
     t_lat, h_lat, w_lat = latent_shape(pipe.cfg, frames)
     null = pipe.encode_text([s.negative_prompt])
@@ -89,7 +99,12 @@ def synthesize_records(pipe, prompts: Sequence[str], out_dir: str | Path, *, bat
             skipped += len(rows)
             continue
         texts = [pipe.full_prompt(prompts[i]) for i in rows]
+        texts += texts[-1:] * (full - len(texts))  # a full batch: the same noise shapes on any device count
         cond = pipe.encode_text(texts)
+        if mesh is not None:
+            from jax.sharding import NamedSharding, PartitionSpec
+
+            cond = type(cond)(*(jax.device_put(x, NamedSharding(mesh, PartitionSpec("batch"))) for x in cond))
         res = pipe.sampler.sample(
             cond, num_frames=t_lat, height=h_lat, width=w_lat, key=jax.random.fold_in(jax.random.key(seed), j),
             first_unit_steps=first, later_unit_steps=later, first_unit_cfg=scales[0], later_unit_cfg=scales[1],
@@ -103,7 +118,35 @@ def synthesize_records(pipe, prompts: Sequence[str], out_dir: str | Path, *, bat
             written += 1
         if progress is not None:
             progress(n + 1, len(batches), time.perf_counter() - t0)
-    return {**key, "written": written, "skipped": skipped, "nfe_per_video": res.nfe if written else None}
+    return {**key, "written": written, "skipped": skipped, "nfe_per_video": res.nfe if written else None,
+            "devices": 1 if mesh is None else int(mesh.devices.size)}
+
+
+def _batch_mesh(batch: int, devices: int | None):
+    """A 1-D mesh over the local devices a batch is split over, or None for one device."""
+    local = jax.local_devices()
+    if devices is None:
+        devices = max(d for d in range(1, len(local) + 1) if batch % d == 0)
+    if not 1 <= devices <= len(local):
+        raise SynthesizeError(f"devices={devices}: this process has {len(local)} local device(s)")
+    if batch % devices:
+        raise SynthesizeError(f"a batch of {batch} does not split over {devices} devices; use a batch that is a "
+                              f"multiple of {devices}")
+    if devices == 1:
+        return None
+    from jax.sharding import Mesh
+
+    return Mesh(np.asarray(local[:devices]), ("batch",))
+
+
+def _replicate(pipe, mesh) -> None:
+    """Every weight the sampler and the text encoders read, on every device of ``mesh``."""
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    for module in (pipe.text, pipe.mmdit):
+        nnx.update(module, jax.device_put(nnx.state(module), replicated))
 
 
 def records_folder(out_dir: str | Path) -> Path:
