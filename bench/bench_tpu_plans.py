@@ -32,6 +32,8 @@ ROWS: dict[str, tuple[str, str, str, tuple[str, ...], str | None]] = {
     "pf-flow-v5p8": (PF, "flow", "v5p:2x2x2", (), PROBE),
     "pf-flow-v5p256": (PF, "flow", "v5p:8x8x4", (), PROBE),
     "neo-dmd-v5p8": (NEO, "dmd", "v5p:2x2x2", (), PROBE),
+    "neo-dmd-v5p64": (NEO, "dmd", "v5p:4x4x4", (), PROBE),
+    "neo-dmd-v5p256": (NEO, "dmd", "v5p:8x8x4", (), PROBE),
     "neo-dmd-v5e16": (NEO, "dmd", "v5e:4x4", ("model.mmdit.remat=full",), PROBE),
     "vae-v5e16-crops": (NEO, "vae", "v5e:4x4", ("stages.vae.clip_frames=17", "stages.vae.crop=256"), None),
     "vae-v5p8": (NEO, "vae", "v5p:2x2x2", (), None),
