@@ -61,7 +61,7 @@ class RunResult:
 
 class StopSignals:
     """Turns the first SIGTERM / SIGINT into a stop request the loop acts on at a step boundary (the handlers
-    are installed only in the main thread and restored on exit); a second one of the same kind is not caught."""
+    are installed only in the main thread and restored by ``restore``); a second one of the same kind is not caught."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -78,7 +78,7 @@ class StopSignals:
         prev = self._previous.get(signum)
         signal.signal(signum, prev if prev is not None else signal.SIG_DFL)
 
-    def __enter__(self) -> "StopSignals":
+    def install(self) -> "StopSignals":
         import threading
 
         if threading.current_thread() is threading.main_thread():
@@ -86,7 +86,7 @@ class StopSignals:
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def restore(self) -> None:
         for s, h in self._previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
         self._previous.clear()
@@ -230,7 +230,7 @@ def run(
             signalled = {v: k for k, v in code.items()}[int(every[:, 1].max())] if every[:, 1].any() else None
         return over, signalled
 
-    signals = StopSignals().__enter__()
+    signals = StopSignals().install()
     try:
         for s in range(start, end):
             profiler.before_step(s)
@@ -268,7 +268,7 @@ def run(
                 break
         drain(keep=0)
     finally:
-        signals.__exit__(None, None, None)
+        signals.restore()
         profiler.close()
         ckpt.close()
         writer.close()

@@ -67,12 +67,13 @@ class VideoCache:
         self.folder = Path(folder)
         self.hits = 0
         self.misses = 0
-        self._pipe_digest: tuple[int, str] | None = None
+        self._pipe_digest: tuple[object, str] | None = None
 
     def _digest(self, pipe) -> str:
-        # one pipeline is asked for many videos in a row: hash its weights once per pipeline object
-        if self._pipe_digest is None or self._pipe_digest[0] != id(pipe):
-            self._pipe_digest = (id(pipe), pipeline_digest(pipe))
+        # One pipeline is asked for many videos in a row: hash its weights once per pipeline object. The object
+        # itself is held (not its id, which a later pipeline may reuse once this one is freed).
+        if self._pipe_digest is None or self._pipe_digest[0] is not pipe:
+            self._pipe_digest = (pipe, pipeline_digest(pipe))
         return self._pipe_digest[1]
 
     def key(self, pipe, request) -> str:
